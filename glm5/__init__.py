@@ -1,0 +1,10 @@
+"""glm5: the GLM-5 system in PyTorch."""
+
+from .api import build_model, load_model
+from .config import ModelConfig
+from .model import GLM5, DenseCache, ForwardAux, Impl
+from .weights import CheckpointError, save_checkpoint
+
+__all__ = ["GLM5", "ModelConfig", "load_model", "build_model", "save_checkpoint", "CheckpointError", "Impl",
+           "ForwardAux", "DenseCache"]
+__version__ = "0.1.0"

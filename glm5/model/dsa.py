@@ -1,0 +1,60 @@
+"""DeepSeek Sparse Attention: the lightning indexer and its top-k selection (GLM5.md §1).
+
+    I[t, s] = sum_h w[t, h] * ReLU(qI[t, h] . kI[s] / sqrt(Di)),   w = weights_proj(x) / sqrt(HI)
+
+Letters: B batch, T queries, S key slots, HI indexer heads, Di indexer head dim, K kept positions.
+The indexer is differentiable (no `no_grad`, unlike the reference): training fits it with a KL loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import apply_rope
+
+# Score blocks are [B, T_chunk, HI, S] in fp32; bound one block to this many elements (~256 MB).
+_SCORE_BLOCK_ELEMS = 64 * 1024 * 1024
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)  # kept in fp32, as released
+
+    def _rope_first(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        # The indexer puts RoPE on its *first* rope_dim dims (MLA puts it on the last ones).
+        r = self.rope_dim
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+
+    def keys(self, x_BTD: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Index keys [B, T, Di]: what the engine caches per token (one head, 128 wide in GLM-5)."""
+        return self._rope_first(self.k_norm(self.wk(x_BTD)), cos, sin)
+
+    def scores(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS) -> torch.Tensor:
+        """Index scores [B, T, S] in fp32, -inf where the key is not visible to the query."""
+        B, T, _ = x_BTD.shape
+        S = k_BSd.shape[1]
+        q_BTHd = self._rope_first(self.wq_b(q_resid_BTQ).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        # fp32 for the head weights and the score sums: these decide a discrete top-k, rounding flips choices.
+        w_BT1H = (self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5).unsqueeze(-2)
+        kT_B1dS = k_BSd.float().transpose(-1, -2).unsqueeze(1)
+        step = max(1, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * S))
+        out = []
+        for t0 in range(0, T, step):  # chunk queries so [B, T, HI, S] never exists whole
+            s_BtHS = F.relu(torch.matmul(q_BTHd[:, t0:t0 + step].float(), kT_B1dS) * self.head_dim**-0.5)
+            out.append(torch.matmul(w_BT1H[:, t0:t0 + step], s_BtHS).squeeze(-2))
+        index_BTS = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        return index_BTS.masked_fill(~visible_BTS, float("-inf"))
+
+
+def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [B, T, min(k, S)] of the highest index scores. Rows with fewer than k visible keys also pick
+    invisible ones (score -inf); attention drops those through its visibility mask, as in the reference."""
+    return index_BTS.topk(min(k, index_BTS.shape[-1]), dim=-1).indices

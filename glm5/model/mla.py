@@ -1,0 +1,174 @@
+"""Multi-head Latent Attention with DSA top-k selection (GLM5.md §1).
+
+Per token the cache holds one latent row [C | R]: the RMS-normed kv_a output (C = kv_lora_rank) and the roped
+shared key (R = qk_rope_head_dim), 576 wide in GLM-5. Two equal ways to attend over it:
+  - expanded: kv_b_proj turns every latent into per-head keys [N] and values [V] (cheap for long prefill,
+    where the per-key matmul is shared by all queries);
+  - absorbed: fold kv_b_proj into the query (q_nope @ W_k) and the output (@ W_v), so scores and values are
+    taken straight over the latent (cheap for decode: nothing per key is expanded).
+And two equal ways to apply the indexer's top-k:
+  - mask: attend over all S keys with the non-selected ones masked;
+  - gather: gather only the K selected latents per query (cost flat in S once S > K).
+
+Letters: B batch, T queries, S key slots, K kept keys, H heads, N nope dim, R rope dim, V value dim,
+C latent dim, L = C + R, Q q_lora_rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .dsa import Indexer, select_topk
+from .layers import RMSNorm, apply_rope
+
+ATTN_IMPLS = ("auto", "expanded", "absorbed")
+DSA_IMPLS = ("auto", "mask", "gather")
+
+
+@dataclass
+class AttnContext:
+    """What every layer of one forward shares. Built by the model; the cache object belongs to the caller."""
+
+    cos: torch.Tensor  # [B, T, R/2] for the query positions
+    sin: torch.Tensor
+    visible_BTS: torch.Tensor  # bool: key slot s is causally visible to query t (and in the same document)
+    cache: object | None = None  # .update(layer, latent_BTL, ikey_BTd | None) -> (latent_BSL, ikey_BSd | None)
+    attn_impl: str = "auto"
+    dsa_impl: str = "auto"
+    aux: "ForwardAux | None" = None
+
+
+@dataclass
+class ForwardAux:
+    """Optional side outputs, filled when passed to the model: per layer top-k indices (None = dense),
+    index scores (only if want_index_scores), router choices. Training and tests read these."""
+
+    want_index_scores: bool = False
+    topk: dict = field(default_factory=dict)
+    index_scores: dict = field(default_factory=dict)
+    router: dict = field(default_factory=dict)  # layer -> (topk_expert_idx [N, k], router_logits [N, E])
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, has_indexer: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.nope, self.rope, self.v_dim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.latent, self.index_topk, self.scale = cfg.kv_lora_rank, cfg.index_topk, cfg.softmax_scale
+        H = self.n_heads
+        self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # 1e-6 here, as in the reference
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, cfg.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.indexer = Indexer(cfg) if has_indexer else None
+
+    def forward(self, x_BTD: torch.Tensor, ctx: AttnContext, prev_topk: torch.Tensor | None):
+        B, T, _ = x_BTD.shape
+        H, N, R, C = self.n_heads, self.nope, self.rope, self.latent
+        q_resid_BTQ = self.q_a_layernorm(self.q_a_proj(x_BTD))
+        q_nope_BTHN, q_rope_BTHR = self.q_b_proj(q_resid_BTQ).view(B, T, H, N + R).split([N, R], dim=-1)
+        q_rope_BTHR = apply_rope(q_rope_BTHR, ctx.cos, ctx.sin)
+        c_BTC, kr_BTR = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
+        lat_BTL = torch.cat([self.kv_a_layernorm(c_BTC), apply_rope(kr_BTR, ctx.cos, ctx.sin)], dim=-1)
+        ik_BTd = self.indexer.keys(x_BTD, ctx.cos, ctx.sin) if self.indexer is not None else None
+        if ctx.cache is not None:
+            lat_BSL, ik_BSd = ctx.cache.update(self.layer_idx, lat_BTL, ik_BTd)
+        else:
+            lat_BSL, ik_BSd = lat_BTL, ik_BTd
+        S = lat_BSL.shape[1]
+
+        topk_BTK = prev_topk  # "shared" layers reuse the previous full layer's choice
+        if self.indexer is not None:
+            want = ctx.aux is not None and ctx.aux.want_index_scores
+            topk_BTK = None  # S <= index_topk: every visible key is kept, attention is dense
+            if S > self.index_topk or want:
+                index_BTS = self.indexer.scores(x_BTD, q_resid_BTQ, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS)
+                if want:
+                    ctx.aux.index_scores[self.layer_idx] = index_BTS
+                if S > self.index_topk:
+                    topk_BTK = select_topk(index_BTS.detach(), self.index_topk)
+        if ctx.aux is not None:
+            ctx.aux.topk[self.layer_idx] = topk_BTK
+
+        o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, ctx.dsa_impl)
+        return self.o_proj(o_BTHV.flatten(2)), topk_BTK
+
+    # -- attention over the latent ----------------------------------------------------------------------------
+    def attend(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl="auto", dsa_impl="auto"):
+        T = q_nope_BTHN.shape[1]
+        if attn_impl not in ATTN_IMPLS or dsa_impl not in DSA_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, dsa_impl one of {DSA_IMPLS}")
+        if dsa_impl == "auto":
+            # Decode-sized steps gather the K chosen latents (cost flat in S); long prefill masks all S keys and
+            # lets one fused SDPA call do the work (gathering K rows per query costs T*K*L memory traffic).
+            dsa_impl = "gather" if T <= 16 else "mask"
+        if attn_impl == "auto":
+            attn_impl = "absorbed" if (dsa_impl == "gather" or T <= 16) else "expanded"
+        if topk_BTK is not None and dsa_impl == "gather":
+            b_B11 = torch.arange(lat_BSL.shape[0], device=lat_BSL.device)[:, None, None]
+            rows_BTKL = lat_BSL[b_B11, topk_BTK]
+            keep_BTK = visible_BTS.gather(-1, topk_BTK)
+            return self._attend_rows(q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl)
+        keep_BTS = visible_BTS
+        if topk_BTK is not None:
+            chosen = torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
+            keep_BTS = visible_BTS & chosen
+        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS, attn_impl)
+
+    def _w_kv(self):
+        w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent)
+        return w_HXC[:, : self.nope], w_HXC[:, self.nope:]  # W_k [H, N, C], W_v [H, V, C]
+
+    def _expand(self, lat_xL):
+        """Latent rows [..., L] -> keys [..., H, N + R] and values [..., H, V]."""
+        H, N, R, C = self.n_heads, self.nope, self.rope, self.latent
+        kv = self.kv_b_proj(lat_xL[..., :C]).unflatten(-1, (H, N + self.v_dim))
+        k_nope, v = kv.split([N, self.v_dim], dim=-1)
+        k_rope = lat_xL[..., None, C:].expand(*k_nope.shape[:-1], R)
+        return torch.cat([k_nope, k_rope], dim=-1), v
+
+    def _absorb_q(self, q_nope_BTHN, q_rope_BTHR):
+        w_k, _ = self._w_kv()
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_k)
+        return torch.cat([q_lat_BTHC, q_rope_BTHR], dim=-1)  # [B, T, H, L]
+
+    def _attend_shared(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS, attn_impl):
+        """All queries see the same S key slots, masked per query: one SDPA call."""
+        mask_B1TS = keep_BTS.unsqueeze(1)
+        if attn_impl == "expanded":
+            k_BSHE, v_BSHV = self._expand(lat_BSL)
+            q_BHTE = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q_BHTE, k_BSHE.transpose(1, 2), v_BSHV.transpose(1, 2),
+                                               attn_mask=mask_B1TS, scale=self.scale)
+            return o.transpose(1, 2)  # [B, T, H, V]
+        q_BHTL = self._absorb_q(q_nope_BTHN, q_rope_BTHR).transpose(1, 2)
+        k_B1SL = lat_BSL.unsqueeze(1)
+        v_B1SC = lat_BSL[..., : self.latent].unsqueeze(1)
+        o_BHTC = F.scaled_dot_product_attention(q_BHTL, k_B1SL, v_B1SC, attn_mask=mask_B1TS, scale=self.scale,
+                                                enable_gqa=True)
+        _, w_v = self._w_kv()
+        return torch.einsum("bhtc,hvc->bthv", o_BHTC, w_v)
+
+    def _attend_rows(self, q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl):
+        """Each query has its own K gathered latent rows."""
+        neg = torch.finfo(torch.float32).min  # not -inf: a row with nothing kept stays finite
+        if attn_impl == "expanded":
+            k_BTKHE, v_BTKHV = self._expand(rows_BTKL)
+            q_BTHE = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
+            s_BTHK = torch.einsum("bthe,btkhe->bthk", q_BTHE, k_BTKHE).float() * self.scale
+            p_BTHK = s_BTHK.masked_fill(~keep_BTK.unsqueeze(2), neg).softmax(-1).to(v_BTKHV.dtype)  # fp32 softmax
+            return torch.einsum("bthk,btkhv->bthv", p_BTHK, v_BTKHV)
+        q_BTHL = self._absorb_q(q_nope_BTHN, q_rope_BTHR)
+        s_BTHK = torch.matmul(q_BTHL, rows_BTKL.transpose(-1, -2)).float() * self.scale
+        p_BTHK = s_BTHK.masked_fill(~keep_BTK.unsqueeze(2), neg).softmax(-1).to(rows_BTKL.dtype)  # fp32 softmax
+        o_BTHC = torch.matmul(p_BTHK, rows_BTKL[..., : self.latent])
+        _, w_v = self._w_kv()
+        return torch.einsum("bthc,hvc->bthv", o_BTHC, w_v)
