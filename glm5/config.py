@@ -38,7 +38,7 @@ class ModelConfig:
     v_head_dim: int = 16
     attention_bias: bool = False
     # DSA lightning indexer
-    index_n_heads: int = 4
+    index_n_heads: int = 16
     index_head_dim: int = 16
     index_topk: int = 16
     indexer_types: list[str] = field(default_factory=list)  # per layer "full" | "shared"; derived if empty
@@ -177,7 +177,7 @@ class ModelConfig:
             "architectures": ["GlmMoeDsaForCausalLM"],
             "model_type": HF_MODEL_TYPE,
         }
-        skip = {"rope_theta", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset"}
+        skip = {"rope_theta"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 d[f.name] = getattr(self, f.name)

@@ -137,6 +137,7 @@ def load_into(model: torch.nn.Module, shards: dict[str, list[str]]) -> None:
                     raise CheckpointError(f"{shard}: cannot read tensor {key!r} ({err})") from None
                 if got != want or (e is not None and e >= t.shape[0]):
                     wrong.append(f"{key}: checkpoint {list(got)}, model expects {list(want)}")
+                    filled[ours].add(e)  # reported as wrongly shaped, not again as missing
                     continue
                 try:
                     src = f.get_tensor(key)

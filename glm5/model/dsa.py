@@ -55,6 +55,20 @@ class Indexer(nn.Module):
 
 
 def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [B, T, min(k, S)] of the highest index scores. Rows with fewer than k visible keys also pick
-    invisible ones (score -inf); attention drops those through its visibility mask, as in the reference."""
-    return index_BTS.topk(min(k, index_BTS.shape[-1]), dim=-1).indices
+    """Indices [B, T, min(k, S)] of the highest index scores.
+
+    Exact ties are common (a key whose every head score is ReLU-clipped scores exactly 0), and torch.topk breaks
+    them by memory layout, so a prefill and a one-token decode could keep different keys. We break ties by
+    position (earliest first) so the choice depends on the scores alone. Rows with fewer than k visible keys also
+    pick invisible ones (score -inf); attention drops those through its visibility mask, as the reference does."""
+    k = min(k, index_BTS.shape[-1])
+    vals_BTK, idx_BTK = index_BTS.topk(k, dim=-1)
+    kth_BT1 = vals_BTK[..., -1:]
+    tied_BT = (index_BTS >= kth_BT1).sum(-1) > k  # the k-th value also sits outside the cut
+    if tied_BT.any():
+        rows_nS, kth_n1 = index_BTS[tied_BT], kth_BT1[tied_BT]
+        above_nS, equal_nS = rows_nS > kth_n1, rows_nS == kth_n1
+        need_n1 = k - above_nS.sum(-1, keepdim=True)
+        keep_nS = above_nS | (equal_nS & (equal_nS.cumsum(-1) <= need_n1))
+        idx_BTK[tied_BT] = keep_nS.nonzero()[:, 1].view(-1, k)  # row-major: each row's k positions, ascending
+    return idx_BTK

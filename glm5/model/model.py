@@ -174,20 +174,20 @@ class GLM5(nn.Module):
         return self
 
     def num_params(self) -> dict:
-        """Total and per-token active parameter counts (all routed experts vs k of them), with and without MTP."""
+        """Parameter counts. `active` = per token: routed experts count k of E. The published GLM-5 figures
+        (744B total, 40B active) leave out the MTP layer; the 40B also leaves out the embedding and head."""
         cfg = self.config
-        total = sum(p.numel() for p in self.parameters())
+
+        def inactive(mod):
+            n = 0
+            for m in mod.modules():
+                if isinstance(m, MoE):
+                    n += sum(p[0].numel() for p in m.experts.parameters()) * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+            return n
+
+        main = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in self.mtp.parameters())
         mtp = sum(p.numel() for p in self.mtp.parameters())
-        inactive = 0
-        for m in self.modules():
-            if isinstance(m, MoE):
-                per_expert = sum(p[0].numel() for p in m.experts.parameters())
-                inactive += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
-        inactive_mtp = 0
-        for m in self.mtp.modules():
-            if isinstance(m, MoE):
-                per_expert = sum(p[0].numel() for p in m.experts.parameters())
-                inactive_mtp += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
-        return {"total": total, "active": total - inactive, "total_no_mtp": total - mtp,
-                "active_no_mtp": total - mtp - (inactive - inactive_mtp),
-                "embedding": self.model.embed_tokens.weight.numel(), "lm_head": self.lm_head.weight.numel()}
+        embed_head = self.model.embed_tokens.weight.numel() + self.lm_head.weight.numel()
+        active = main - inactive(self.model)
+        return {"total": main, "mtp": mtp, "active": active, "active_no_embed": active - embed_head,
+                "mtp_active": mtp - inactive(self.mtp)}

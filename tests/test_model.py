@@ -1,0 +1,133 @@
+"""Model behaviour with no external reference: cache = full forward, MTP by hand, gradients, config, inspect."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import glm5
+from glm5.config import ModelConfig, glm5 as glm5_preset, tiny
+from glm5.inspect import weight_report
+
+from .conftest import perturb
+
+
+def _model(**kw):
+    return perturb(glm5.load_model(tiny().replace(**kw)))
+
+
+@pytest.mark.parametrize("impl", [glm5.Impl(), glm5.Impl("expanded", "mask", "loop")])
+def test_incremental_decoding_with_cache_equals_full_forward(impl):
+    """Prefill in two chunks then decode one token at a time, past index_topk; logits equal the full forward."""
+    m = _model(index_topk=6, index_topk_pattern="FSF", num_hidden_layers=3)
+    m.impl = impl
+    ids = torch.randint(0, m.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = m(ids)
+        cache = glm5.DenseCache(m.config, batch=2, max_len=32)
+        parts = [m(ids[:, :5], cache=cache), m(ids[:, 5:11], cache=cache)]
+        parts += [m(ids[:, t:t + 1], cache=cache) for t in range(11, 30)]
+    step = torch.cat(parts, dim=1)
+    assert (step - full).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="cache full"):
+        m(ids[:, :3], cache=cache)
+
+
+def test_mtp_logits_by_hand():
+    m = _model()
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        logits, mtp = m.forward_with_mtp(ids)
+        assert logits.shape == (1, 12, m.config.vocab_size) and mtp.shape == (1, 11, m.config.vocab_size)
+        assert torch.allclose(logits, m(ids), atol=1e-5)
+        # the formula, spelled out: h at t (main model, final-normed) and token t+1 -> logits for token t+2
+        layer = m.mtp[0]
+        h = m.hidden(ids)[:, :-1]
+        x = layer.eh_proj(torch.cat([layer.enorm(m.model.embed_tokens(ids[:, 1:])), layer.hnorm(h)], -1))
+        ref, _ = m.mtp_step(h, ids[:, 1:], torch.arange(11)[None])
+        assert torch.allclose(ref, mtp, atol=1e-5)
+        # causal: changing the last token changes no earlier MTP position
+        ids2 = ids.clone()
+        ids2[0, -1] = (ids[0, -1] + 1) % m.config.vocab_size
+        _, mtp2 = m.forward_with_mtp(ids2)
+        assert torch.allclose(mtp2[:, :-1], mtp[:, :-1], atol=1e-5) and not torch.allclose(mtp2[:, -1], mtp[:, -1])
+        assert x.shape == h.shape
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+    m = _model(index_topk=4)
+    a = torch.randint(0, m.config.vocab_size, (1, 9))
+    b = torch.randint(0, m.config.vocab_size, (1, 7))
+    packed = torch.cat([a, b], 1)
+    docs = torch.tensor([[0] * 9 + [1] * 7])
+    pos = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    with torch.no_grad():
+        out = m(packed, positions_BT=pos, doc_ids_BT=docs)
+        assert torch.allclose(out[:, :9], m(a), atol=1e-5)
+        assert torch.allclose(out[:, 9:], m(b), atol=1e-5)
+
+
+def test_differentiable_end_to_end_including_indexer():
+    m = _model(index_topk=4).train()
+    ids = torch.randint(0, m.config.vocab_size, (2, 10))
+    aux = glm5.ForwardAux(want_index_scores=True)
+    logits, mtp = m.forward_with_mtp(ids, aux=aux)
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    lm = lm + torch.nn.functional.cross_entropy(mtp[:, :-1].flatten(0, 1), ids[:, 2:].flatten())
+    lm.backward(retain_graph=True)
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None and "indexer" not in n]
+    assert not no_grad
+    # the top-k choice is discrete: the LM loss reaches the indexer only through... nothing
+    assert all(p.grad is None for n, p in m.named_parameters() if "indexer" in n)
+    m.zero_grad()
+    idx_loss = sum(s.masked_fill(~s.isfinite(), 0).square().mean() for s in aux.index_scores.values())
+    idx_loss.backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "indexer" in n)
+
+
+def test_grouped_moe_equals_loop_in_gradients_too():
+    m = _model(n_routed_experts=8, num_experts_per_tok=3)
+    ids = torch.randint(0, m.config.vocab_size, (2, 10))
+    grads = []
+    for impl in ("loop", "grouped"):
+        m.zero_grad()
+        m.impl = glm5.Impl(moe=impl)
+        m(ids).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_config_hf_round_trip_and_presets(tmp_path):
+    for cfg in (tiny(), tiny().replace(index_topk_pattern="FSS"), glm5_preset()):
+        (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+        assert ModelConfig.from_hf(tmp_path) == cfg
+    c = ModelConfig(num_hidden_layers=6, index_topk_freq=2, index_skip_topk_offset=2)
+    assert c.indexer_types == ["full", "full", "shared", "full", "shared", "full"]  # the reference's schedule
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoConfig.for_model(model_type="glm_moe_dsa", num_hidden_layers=6, index_topk_freq=2,
+                                           index_skip_topk_offset=2)
+    assert hf.indexer_types == c.indexer_types
+
+
+def test_inspect_full_glm5_matches_published_figures():
+    rep = weight_report(glm5_preset())
+    assert abs(rep["total"] / 744e9 - 1) < 0.01  # 744B total (the MTP layer is counted apart)
+    assert abs(rep["active_no_embed"] / 40e9 - 1) < 0.02  # 40B active
+    assert abs(rep["bytes_bf16"] / 1.5e12 - 1) < 0.02  # ~1.5 TB in BF16
+    assert abs(rep["bytes_fp8"] / rep["bytes_bf16"] - 0.5) < 0.01  # FP8 about half
+
+
+def test_cli_inspect_runs_fast():
+    out = subprocess.run([sys.executable, "-m", "glm5.cli", "inspect", "glm5"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert "743.91B" in out and "39.88B" in out and "1.508 TB" in out
+
+
+def test_model_package_imports_nothing_above_it():
+    code = ("import sys, glm5.model, glm5.weights, glm5.config; "
+            "bad=[m for m in sys.modules if m.startswith(('glm5.engine','glm5.train','glm5.rl','glm5.server'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
