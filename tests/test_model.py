@@ -21,7 +21,9 @@ def _model(**kw):
 @pytest.mark.parametrize("impl", [glm5.Impl(), glm5.Impl("expanded", "mask", "loop")])
 def test_incremental_decoding_with_cache_equals_full_forward(impl):
     """Prefill in two chunks then decode one token at a time, past index_topk; logits equal the full forward."""
-    m = _model(index_topk=6, index_topk_pattern="FSF", num_hidden_layers=3)
+    # 4 indexer heads: exact score ties (every head ReLU-clipped to 0) are frequent, so this also checks that the
+    # tie-break does not depend on how many queries a step has.
+    m = _model(index_topk=6, index_topk_pattern="FSF", num_hidden_layers=3, index_n_heads=4)
     m.impl = impl
     ids = torch.randint(0, m.config.vocab_size, (2, 30))
     with torch.no_grad():
@@ -33,6 +35,26 @@ def test_incremental_decoding_with_cache_equals_full_forward(impl):
     assert (step - full).abs().max() <= 1e-4
     with pytest.raises(ValueError, match="cache full"):
         m(ids[:, :3], cache=cache)
+
+
+def test_topk_ties_break_by_position():
+    from glm5.model.dsa import select_topk
+
+    s = torch.tensor([[[0.0, 2.0, 0.0, 0.0, 1.0, 0.0, float("-inf")]]])
+    assert sorted(select_topk(s, 4)[0, 0].tolist()) == [0, 1, 2, 4]
+    s = torch.tensor([[[3.0, float("-inf"), float("-inf"), float("-inf")]]])  # fewer visible than k
+    assert select_topk(s, 2)[0, 0].tolist()[0] == 0
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(3, 5, 50, generator=g).relu().round(decimals=1)  # many ties
+    idx = select_topk(r, 7)
+    for b in range(3):
+        for t in range(5):
+            row, chosen = r[b, t], set(idx[b, t].tolist())
+            kth = row.topk(7).values[-1]
+            assert len(chosen) == 7 and all(row[i] >= kth for i in chosen)
+            ties = [i for i in range(50) if row[i] == kth]
+            n_tied = 7 - int((row > kth).sum())
+            assert sorted(chosen & set(ties)) == ties[:n_tied]
 
 
 def test_mtp_logits_by_hand():

@@ -18,6 +18,7 @@ CONFIGS = {
     "shared_indexer": dict(num_hidden_layers=4, index_topk_pattern="FSFS", index_topk=12),
     "groups_2dense": dict(num_hidden_layers=4, first_k_dense_replace=2, n_routed_experts=16, n_group=4,
                           topk_group=2, num_experts_per_tok=3, index_topk=10),
+    "long_blocks": dict(index_topk=24, T=600),  # several 256-query blocks in the chunked indexer and attention
     "all_moe_freq": dict(num_hidden_layers=4, first_k_dense_replace=0, index_topk_freq=2, index_skip_topk_offset=1,
                          norm_topk_prob=False, n_shared_experts=2, index_topk=7),
 }
@@ -39,9 +40,21 @@ def _capture_hf_topk(hf):
     return caps
 
 
+def _near_tie_rows(aux, k, eps=1e-5):
+    rows = set()
+    for scores in aux.index_scores.values():
+        if scores.shape[-1] > k:
+            v = scores.topk(k + 1, dim=-1).values
+            gap = v[..., k - 1] - v[..., k]
+            rows |= {tuple(r) for r in ((gap < eps) & v[..., k].isfinite()).nonzero().tolist()}
+    return rows
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_and_topk_match_transformers(name, tmp_path):
-    cfg = tiny().replace(**CONFIGS[name])
+    kw = dict(CONFIGS[name])
+    T = kw.pop("T", 40)
+    cfg = tiny().replace(**kw)
     model = perturb(glm5.load_model(cfg), seed=list(CONFIGS).index(name))
     glm5.save_checkpoint(model, tmp_path)
     hf = _hf_from(tmp_path)
@@ -50,11 +63,19 @@ def test_logits_and_topk_match_transformers(name, tmp_path):
     caps = _capture_hf_topk(hf)
     with torch.no_grad():
         ref = hf(ids).logits
-        for impl in IMPLS:
+        model.impl = IMPLS[0]  # the reference path: max |diff| <= 1e-4 everywhere
+        aux = glm5.ForwardAux(want_index_scores=True)
+        out = model(ids, aux=aux)
+        assert (out - ref).abs().max().item() <= 1e-4
+        near_ties = _near_tie_rows(aux, cfg.index_topk)
+        for impl in IMPLS[1:]:
             model.impl = impl
-            aux = glm5.ForwardAux()
-            out = model(ids, aux=aux)
-            assert (out - ref).abs().max().item() <= 1e-4, (impl, (out - ref).abs().max().item())
+            bad = ((model(ids) - ref).abs().amax(-1) > 1e-4).nonzero().tolist()
+            # A fast path rounds differently; where two index scores at the top-k cut are within 1e-5, that may
+            # flip the (discrete) choice for that query and the later positions that read its keys. Any other
+            # difference fails. (Only the 600-token config has such near-ties.)
+            unexplained = [(b, t) for b, t in bad if not any(b == b2 and t2 <= t for b2, t2 in near_ties)]
+            assert not unexplained and len(bad) <= 0.01 * ids.numel(), (impl, bad)
     assert ref.abs().max() > 1.0  # logits far from zero: the comparison is not trivially small
 
     # The selected top-k sets are identical (positions the query can see; the rest are masked on both sides).

@@ -17,6 +17,7 @@ from .layers import apply_rope
 
 # Score blocks are [B, T_chunk, HI, S] in fp32; bound one block to this many elements (~256 MB).
 _SCORE_BLOCK_ELEMS = 64 * 1024 * 1024
+QUERY_BLOCK = 256
 
 
 class Indexer(nn.Module):
@@ -45,13 +46,22 @@ class Indexer(nn.Module):
         # fp32 for the head weights and the score sums: these decide a discrete top-k, rounding flips choices.
         w_BT1H = (self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5).unsqueeze(-2)
         kT_B1dS = k_BSd.float().transpose(-1, -2).unsqueeze(1)
-        step = max(1, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * S))
-        out = []
-        for t0 in range(0, T, step):  # chunk queries so [B, T, HI, S] never exists whole
-            s_BtHS = F.relu(torch.matmul(q_BTHd[:, t0:t0 + step].float(), kT_B1dS) * self.head_dim**-0.5)
-            out.append(torch.matmul(w_BT1H[:, t0:t0 + step], s_BtHS).squeeze(-2))
-        index_BTS = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        # Query blocks, each scored only against keys up to its last visible one: causal prefill does half the work,
+        # and no [B, T, HI, S] block exists whole.
+        step = max(1, min(QUERY_BLOCK, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * S)))
+        index_BTS = torch.full((B, T, S), float("-inf"), device=x_BTD.device)
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            s1 = key_extent(visible_BTS, t0, t1)
+            s_BtHs = F.relu(torch.matmul(q_BTHd[:, t0:t1].float(), kT_B1dS[..., :s1]) * self.head_dim**-0.5)
+            index_BTS[:, t0:t1, :s1] = torch.matmul(w_BT1H[:, t0:t1], s_BtHs).squeeze(-2)
         return index_BTS.masked_fill(~visible_BTS, float("-inf"))
+
+
+def key_extent(visible_BTS: torch.Tensor, t0: int, t1: int) -> int:
+    """1 + the last key slot that any query in [t0, t1) can see (keys past it need no work)."""
+    seen_S = visible_BTS[:, t0:t1].any(dim=1).any(dim=0)
+    return int(seen_S.nonzero().max()) + 1 if bool(seen_S.any()) else 1
 
 
 def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .dsa import Indexer, select_topk
+from .dsa import QUERY_BLOCK, Indexer, key_extent, select_topk
 from .layers import RMSNorm, apply_rope
 
 ATTN_IMPLS = ("auto", "expanded", "absorbed")
@@ -146,16 +146,24 @@ class MLAttention(nn.Module):
         if attn_impl == "expanded":
             k_BSHE, v_BSHV = self._expand(lat_BSL)
             q_BHTE = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q_BHTE, k_BSHE.transpose(1, 2), v_BSHV.transpose(1, 2),
-                                               attn_mask=mask_B1TS, scale=self.scale)
-            return o.transpose(1, 2)  # [B, T, H, V]
-        q_BHTL = self._absorb_q(q_nope_BTHN, q_rope_BTHR).transpose(1, 2)
-        k_B1SL = lat_BSL.unsqueeze(1)
-        v_B1SC = lat_BSL[..., : self.latent].unsqueeze(1)
-        o_BHTC = F.scaled_dot_product_attention(q_BHTL, k_B1SL, v_B1SC, attn_mask=mask_B1TS, scale=self.scale,
-                                                enable_gqa=True)
+            k_BHSE, v_BHSV = k_BSHE.transpose(1, 2), v_BSHV.transpose(1, 2)
+            gqa = False
+        else:
+            q_BHTE = self._absorb_q(q_nope_BTHN, q_rope_BTHR).transpose(1, 2)
+            k_BHSE, v_BHSV = lat_BSL.unsqueeze(1), lat_BSL[..., : self.latent].unsqueeze(1)  # one latent "head"
+            gqa = True
+        T = q_BHTE.shape[2]
+        o_BHTV = q_BHTE.new_empty(*q_BHTE.shape[:3], v_BHSV.shape[-1])
+        for t0 in range(0, T, QUERY_BLOCK):  # query blocks stop at their last visible key: causal work halves
+            t1 = min(T, t0 + QUERY_BLOCK)
+            s1 = key_extent(keep_BTS, t0, t1)
+            o_BHTV[:, :, t0:t1] = F.scaled_dot_product_attention(
+                q_BHTE[:, :, t0:t1], k_BHSE[:, :, :s1], v_BHSV[:, :, :s1], attn_mask=mask_B1TS[:, :, t0:t1, :s1],
+                scale=self.scale, enable_gqa=gqa)
+        if attn_impl == "expanded":
+            return o_BHTV.transpose(1, 2)  # [B, T, H, V]
         _, w_v = self._w_kv()
-        return torch.einsum("bhtc,hvc->bthv", o_BHTC, w_v)
+        return torch.einsum("bhtc,hvc->bthv", o_BHTV, w_v)
 
     def _attend_rows(self, q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl):
         """Each query has its own K gathered latent rows."""
