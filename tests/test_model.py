@@ -153,3 +153,44 @@ def test_model_package_imports_nothing_above_it():
             "bad=[m for m in sys.modules if m.startswith(('glm5.engine','glm5.train','glm5.rl','glm5.server'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_training_hooks_attn_probs_dense_switch_and_detached_indexer():
+    m = _model(index_topk=5)
+    ids = torch.randint(0, m.config.vocab_size, (2, 14))
+    # dsa="off" is dense attention: the same as a model whose index_topk covers the whole sequence
+    wide = glm5.load_model(m.config.replace(index_topk=64))
+    wide.load_state_dict(m.state_dict())
+    m.impl = glm5.Impl(dsa="off")
+    aux = glm5.ForwardAux(want_attn_probs=True, want_index_scores=True)
+    with torch.no_grad():
+        assert torch.allclose(m(ids, aux=aux), wide(ids), atol=1e-5)
+    assert all(v is None for v in aux.topk.values())
+    p = aux.attn_probs[0]
+    assert torch.allclose(p.sum(-1), torch.ones(2, 14)) and (p.triu(1) == 0).all()
+    # by hand for layer 0: softmax over visible keys per head, mean over heads
+    att = m.model.layers[0].self_attn
+    x = m.model.layers[0].input_layernorm(m.model.embed_tokens(ids))
+    from glm5.model.layers import apply_rope, rope_angles
+
+    cos, sin = rope_angles(torch.arange(14)[None].expand(2, 14), m.config.qk_rope_head_dim, m.config.rope_theta)
+    with torch.no_grad():
+        q = att.q_b_proj(att.q_a_layernorm(att.q_a_proj(x))).view(2, 14, 4, -1)
+        qn, qr = q.split([16, 8], -1)
+        c, kr = att.kv_a_proj_with_mqa(x).split([32, 8], -1)
+        k, _ = att._expand(torch.cat([att.kv_a_layernorm(c), apply_rope(kr, cos, sin)], -1))
+        s = torch.einsum("bthe,bshe->bhts", torch.cat([qn, apply_rope(qr, cos, sin)], -1), k) * m.config.softmax_scale
+        ref = s.masked_fill(~torch.ones(14, 14, dtype=torch.bool).tril(), float("-inf")).softmax(-1).mean(1)
+    assert torch.allclose(p, ref, atol=1e-5)
+
+    # sparse stage: detached indexer input -> the indexer loss reaches only indexer parameters
+    m.impl = glm5.Impl()
+    m.train()
+    aux = glm5.ForwardAux(want_index_scores=True, want_attn_probs=True, detach_indexer_input=True)
+    m(ids, aux=aux)
+    assert aux.topk[0] is not None and aux.attn_probs[0].shape == (2, 14, 14)
+    kept = torch.zeros_like(aux.attn_probs[0], dtype=torch.bool).scatter_(-1, aux.topk[0], True)
+    assert (aux.attn_probs[0][~kept] == 0).all()  # sparse stage: probs live on the selected set only
+    sum(v.masked_fill(~v.isfinite(), 0).square().sum() for v in aux.index_scores.values()).backward()
+    got = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got and all(".indexer." in n for n in got)

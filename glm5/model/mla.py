@@ -27,7 +27,7 @@ from .dsa import QUERY_BLOCK, Indexer, key_extent, select_topk
 from .layers import RMSNorm, apply_rope
 
 ATTN_IMPLS = ("auto", "expanded", "absorbed")
-DSA_IMPLS = ("auto", "mask", "gather")
+DSA_IMPLS = ("auto", "mask", "gather", "off")  # "off": dense attention over every visible key
 
 
 @dataclass
@@ -45,12 +45,16 @@ class AttnContext:
 
 @dataclass
 class ForwardAux:
-    """Optional side outputs, filled when passed to the model: per layer top-k indices (None = dense),
-    index scores (only if want_index_scores), router choices. Training and tests read these."""
+    """Optional side outputs and training switches, passed to the model's forward: per layer top-k indices
+    (None = dense), index scores [B, T, S] (if want_index_scores), attention probs (if want_attn_probs),
+    router choices. Training and tests read these."""
 
     want_index_scores: bool = False
+    want_attn_probs: bool = False  # main attention probs summed over heads, L1-normalised (the indexer's target)
+    detach_indexer_input: bool = False  # sparse-stage training: the indexer sees detached inputs
     topk: dict = field(default_factory=dict)
     index_scores: dict = field(default_factory=dict)
+    attn_probs: dict = field(default_factory=dict)
     router: dict = field(default_factory=dict)  # layer -> (topk_expert_idx [N, k], router_logits [N, E])
 
 
@@ -73,40 +77,65 @@ class MLAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: AttnContext, prev_topk: torch.Tensor | None):
         B, T, _ = x_BTD.shape
         H, N, R, C = self.n_heads, self.nope, self.rope, self.latent
+        aux = ctx.aux
         q_resid_BTQ = self.q_a_layernorm(self.q_a_proj(x_BTD))
         q_nope_BTHN, q_rope_BTHR = self.q_b_proj(q_resid_BTQ).view(B, T, H, N + R).split([N, R], dim=-1)
         q_rope_BTHR = apply_rope(q_rope_BTHR, ctx.cos, ctx.sin)
         c_BTC, kr_BTR = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
         lat_BTL = torch.cat([self.kv_a_layernorm(c_BTC), apply_rope(kr_BTR, ctx.cos, ctx.sin)], dim=-1)
-        ik_BTd = self.indexer.keys(x_BTD, ctx.cos, ctx.sin) if self.indexer is not None else None
+        # Sparse-stage training detaches the indexer's inputs: it learns only from its own KL loss (GLM5.md §3).
+        x_idx, q_idx = (x_BTD.detach(), q_resid_BTQ.detach()) if aux is not None and aux.detach_indexer_input \
+            else (x_BTD, q_resid_BTQ)
+        ik_BTd = self.indexer.keys(x_idx, ctx.cos, ctx.sin) if self.indexer is not None else None
         if ctx.cache is not None:
             lat_BSL, ik_BSd = ctx.cache.update(self.layer_idx, lat_BTL, ik_BTd)
         else:
             lat_BSL, ik_BSd = lat_BTL, ik_BTd
         S = lat_BSL.shape[1]
 
-        topk_BTK = prev_topk  # "shared" layers reuse the previous full layer's choice
+        sparse = ctx.dsa_impl != "off" and S > self.index_topk
+        topk_BTK = prev_topk if sparse else None  # "shared" layers reuse the previous full layer's choice
         if self.indexer is not None:
-            want = ctx.aux is not None and ctx.aux.want_index_scores
-            topk_BTK = None  # S <= index_topk: every visible key is kept, attention is dense
-            if S > self.index_topk or want:
-                index_BTS = self.indexer.scores(x_BTD, q_resid_BTQ, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS)
+            want = aux is not None and aux.want_index_scores
+            if sparse or want:
+                index_BTS = self.indexer.scores(x_idx, q_idx, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS)
                 if want:
-                    ctx.aux.index_scores[self.layer_idx] = index_BTS
-                if S > self.index_topk:
-                    topk_BTK = select_topk(index_BTS.detach(), self.index_topk)
-        if ctx.aux is not None:
-            ctx.aux.topk[self.layer_idx] = topk_BTK
+                    aux.index_scores[self.layer_idx] = index_BTS
+                topk_BTK = select_topk(index_BTS.detach(), self.index_topk) if sparse else None
+        if aux is not None:
+            aux.topk[self.layer_idx] = topk_BTK
+            if aux.want_attn_probs:
+                aux.attn_probs[self.layer_idx] = self.attn_probs(q_nope_BTHN, q_rope_BTHR, lat_BSL,
+                                                                 self.keep_mask(ctx.visible_BTS, topk_BTK))
 
         o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, ctx.dsa_impl)
         return self.o_proj(o_BTHV.flatten(2)), topk_BTK
+
+    @staticmethod
+    def keep_mask(visible_BTS, topk_BTK):
+        if topk_BTK is None:
+            return visible_BTS
+        return visible_BTS & torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
+
+    @torch.no_grad()
+    def attn_probs(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS):
+        """Main attention probabilities summed over heads and L1-normalised, [B, T, S] fp32: the target of the
+        indexer's KL loss (DSA warm-up). A training-size computation: [B, H, T_block, S] per query block."""
+        q_BTHL = self._absorb_q(q_nope_BTHN, q_rope_BTHR).float()
+        out = torch.zeros(keep_BTS.shape, dtype=torch.float32, device=lat_BSL.device)
+        for t0 in range(0, q_BTHL.shape[1], QUERY_BLOCK):
+            t1 = t0 + QUERY_BLOCK
+            s_BtHS = torch.einsum("bthl,bsl->bths", q_BTHL[:, t0:t1], lat_BSL.float()) * self.scale
+            p = s_BtHS.masked_fill(~keep_BTS[:, t0:t1, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+            out[:, t0:t1] = p.sum(2) / self.n_heads
+        return out
 
     # -- attention over the latent ----------------------------------------------------------------------------
     def attend(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl="auto", dsa_impl="auto"):
         T = q_nope_BTHN.shape[1]
         if attn_impl not in ATTN_IMPLS or dsa_impl not in DSA_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, dsa_impl one of {DSA_IMPLS}")
-        if dsa_impl == "auto":
+        if dsa_impl in ("auto", "off"):
             # Decode-sized steps gather the K chosen latents (cost flat in S); long prefill masks all S keys and
             # lets one fused SDPA call do the work (gathering K rows per query costs T*K*L memory traffic).
             dsa_impl = "gather" if T <= 16 else "mask"
@@ -117,11 +146,7 @@ class MLAttention(nn.Module):
             rows_BTKL = lat_BSL[b_B11, topk_BTK]
             keep_BTK = visible_BTS.gather(-1, topk_BTK)
             return self._attend_rows(q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl)
-        keep_BTS = visible_BTS
-        if topk_BTK is not None:
-            chosen = torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
-            keep_BTS = visible_BTS & chosen
-        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS, attn_impl)
+        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, self.keep_mask(visible_BTS, topk_BTK), attn_impl)
 
     def _w_kv(self):
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent)

@@ -22,7 +22,7 @@ class Impl:
     """Which implementation each block uses. Reference paths: attn="expanded", dsa="mask", moe="loop"."""
 
     attn: str = "auto"  # "expanded" | "absorbed" | "auto" (expanded for prefill, absorbed for decode)
-    dsa: str = "auto"  # "mask" | "gather" | "auto"
+    dsa: str = "auto"  # "mask" | "gather" | "auto" | "off" (dense attention: the DSA warm-up stage)
     moe: str = "grouped"  # "grouped" | "loop"
 
 
