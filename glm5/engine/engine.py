@@ -1,0 +1,325 @@
+"""The inference engine: token ids in, token ids out. `add_request` / `step` / `abort` / `update_weights`, and a
+synchronous `generate` on top. Knows nothing of HTTP, text or chat (stop strings need a `detokenize` callable).
+
+    engine = Engine(model, cache_bytes=1 << 30)
+    rid = engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=16))
+    while engine.has_unfinished():
+        for out in engine.step(): ...   # StepOutput: new tokens of one sequence, logprobs, finished, reason
+
+Not thread-safe: a server drives it from one thread (or one asyncio task) and queues add/abort calls to it.
+
+Design notes:
+  - n > 1: the request's first sequence prefills the prompt; at its first token it forks n - 1 more sequences, each
+    drawing its own first token from the same logits. They join the waiting queue and take the prompt's full
+    blocks from the prefix cache (shared, ref-counted); only the last partial block is recomputed per sample.
+  - Stop strings are matched here only when the engine was given `detokenize(token_ids) -> str` (the server's
+    tokenizer); the output then carries `stop_reason` = the string and the layer above trims the text, as vLLM's
+    detokenizer does. Without a detokenizer a request with stop strings is refused at add time.
+  - update_weights: in-flight sequences keep the KV they computed under the old weights (each token reports the
+    version that sampled it) unless recompute_running=True preempts them all so they recompute; the prefix cache
+    is emptied either way, so no new request reuses stale KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .kv_cache import BlockManager, PagedKVCache, bytes_per_block
+from .runner import ModelRunner
+from .sampler import SamplingParams, SeqSampling, make_generator, sample
+from .scheduler import FINISHED, RUNNING, Scheduler, Sequence
+
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (bad ids, too long for the context or the cache)."""
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence (sample `index` of request `request_id`)."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    logprobs: list[float]  # raw model log-prob of each new token (see sampler.py)
+    sampling_logprobs: list[float]  # log-prob under the processed distribution it was drawn from
+    top_logprobs: list[list[tuple[int, float]]] | None
+    policy_versions: list[int]  # engine.policy_version that produced each new token
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """One finished sample, as `generate` returns it."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    sampling_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    policy_versions: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    seqs: dict[int, Sequence] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    forked: bool = False
+
+
+@dataclass
+class _SeqState(SeqSampling):
+    max_tokens: int = 0
+    text_len: int = 0  # characters of detokenized output already searched for stop strings
+
+
+class Engine:
+    def __init__(self, model, *, cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, eos_token_ids: list[int] | None = None,
+                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0):
+        cfg = model.config
+        self.model, self.config = model, cfg
+        w = model.lm_head.weight
+        self.device, self.dtype = w.device, w.dtype
+        per_block = bytes_per_block(cfg, block_size, self.dtype)
+        if num_blocks is None:
+            cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+            num_blocks = cache_bytes // per_block
+            if num_blocks < 1:
+                raise ValueError(f"cache_bytes={cache_bytes} holds no block: one block of {block_size} tokens "
+                                 f"takes {per_block} bytes")
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
+        self.runner = ModelRunner(model, self.cache)
+        self.max_model_len = min(cfg.max_position_embeddings, num_blocks * block_size)
+        self.eos_token_ids = list(cfg.eos_token_id if eos_token_ids is None else eos_token_ids)
+        self.detokenize = detokenize
+        self.policy_version = 0
+        self._seeds = random.Random(seed)
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self.requests: dict[str, _Request] = {}
+        self._pending: list[StepOutput] = []  # outputs made outside step() (aborts), returned by the next step()
+        self.counters = {"prompt_tokens": 0, "computed_tokens": 0, "generation_tokens": 0, "steps": 0,
+                         "finished_requests": 0, "aborted_requests": 0}
+
+    # -- requests --------------------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = SamplingParams() if params is None else params
+        params.validate()
+        prompt = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
+        V = self.config.vocab_size
+        if not prompt:
+            raise RequestError("prompt is empty: at least one token id is needed")
+        if not all(isinstance(t, int) and 0 <= t < V for t in prompt):
+            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < V))
+            raise RequestError(f"prompt token {bad!r} is not a token id in [0, {V})")
+        if params.stop and self.detokenize is None:
+            raise RequestError("stop strings need text: build the Engine with detokenize=..., or stop on token ids")
+        room = self.max_model_len - len(prompt)
+        limit = (f"the limit of {self.max_model_len} tokens (max_position_embeddings "
+                 f"{self.config.max_position_embeddings}, KV cache capacity "
+                 f"{self.blocks.num_blocks * self.blocks.block_size})")
+        if room < 1:
+            raise RequestError(f"prompt of {len(prompt)} tokens leaves no room to generate: {limit}")
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = "
+                               f"{len(prompt) + max_tokens} exceeds {limit}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
+        req = _Request(request_id, prompt, params, seed)
+        self.requests[request_id] = req
+        req.seqs[0] = self._new_seq(req, 0, max_tokens)
+        self.scheduler.add(req.seqs[0])
+        self.counters["prompt_tokens"] += len(prompt)
+        return request_id
+
+    def _new_seq(self, req: _Request, index: int, max_tokens: int) -> Sequence:
+        p = req.params
+        state = _SeqState(p, make_generator(req.seed + index, self.device), [] if p.ignore_eos else self.eos_token_ids,
+                          max_tokens=max_tokens)
+        return Sequence(next(self._seq_ids), req.request_id, index, list(req.prompt), len(req.prompt), state)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its cache blocks; the next step() reports it with finish_reason 'abort'.
+        False if the id is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for i in range(req.params.n):
+            if i in req.done:
+                continue
+            seq = req.seqs.get(i)
+            if seq is not None:
+                self.scheduler.finish(seq)
+            n_out = len(seq.output_ids) if seq is not None else 0
+            self._pending.append(StepOutput(request_id, i, [], [], [], None, [], True, "abort", None,
+                                            len(req.prompt), n_out))
+        self.counters["aborted_requests"] += 1
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if not plan:
+            return outputs
+        seqs, logits_BV = self.runner.execute(plan)
+        for seq, n in plan:
+            self.scheduler.advance(seq, n)
+            self.counters["computed_tokens"] += n
+        self.counters["steps"] += 1
+        if not seqs:
+            return outputs
+        rows, row_seqs = [], []
+        for i, seq in enumerate(seqs):
+            rows.append(i)
+            row_seqs.append(seq)
+            req = self.requests[seq.request_id]
+            if req.params.n > 1 and not req.forked:  # the prompt is done: the other samples start here
+                req.forked = True
+                for j in range(1, req.params.n):
+                    req.seqs[j] = self._new_seq(req, j, seq.state.max_tokens)
+                    rows.append(i)
+                    row_seqs.append(req.seqs[j])
+        rows_t = torch.tensor(rows, device=logits_BV.device)
+        got = sample(logits_BV[rows_t], [s.state for s in row_seqs], [s.output_ids for s in row_seqs])
+        forked = []
+        for r, seq in enumerate(row_seqs):
+            tok = got.tokens[r]
+            seq.tokens.append(tok)
+            self.counters["generation_tokens"] += 1
+            reason, stop_reason = self._check_stop(seq, tok)
+            out = StepOutput(seq.request_id, seq.index, [tok], [got.logprobs[r]], [got.sampling_logprobs[r]],
+                             [got.top_logprobs[r]] if got.top_logprobs[r] is not None else None,
+                             [self.policy_version], reason is not None, reason, stop_reason,
+                             seq.prompt_len, len(seq.output_ids))
+            outputs.append(out)
+            if reason is not None:
+                self._finish(seq)
+            elif seq.status != RUNNING:  # a fresh fork: queue it to compute its partial block and first token
+                forked.append(seq)
+        for seq in reversed(forked):
+            self.scheduler.add(seq, front=True)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> tuple[str | None, int | str | None]:
+        st: _SeqState = seq.state
+        p, out = st.params, seq.output_ids
+        if len(out) >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                return "stop", tok
+            if tok in st.eos_ids:
+                return "stop", None
+            if p.stop:
+                text = self.detokenize(out)
+                start = max(0, st.text_len - max(len(s) for s in p.stop) + 1)
+                st.text_len = len(text)
+                hits = [(text.find(s, start), s) for s in p.stop]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    return "stop", min(hits)[1]
+        if len(out) >= st.max_tokens:
+            return "length", None
+        return None, None
+
+    def _finish(self, seq: Sequence):
+        if seq.status != FINISHED:
+            self.scheduler.finish(seq)
+        seq.status = FINISHED
+        req = self.requests[seq.request_id]
+        req.done.add(seq.index)
+        if len(req.done) == req.params.n:
+            del self.requests[seq.request_id]
+            self.counters["finished_requests"] += 1
+
+    # -- weights ---------------------------------------------------------------------------------------------------
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None,
+                       recompute_running: bool = False) -> int:
+        """Copy tensors (glm5 parameter / buffer names, any subset) into the model in place; returns the new
+        policy_version (version if given, else the old one + 1)."""
+        named = dict(self.model.named_parameters())
+        named.update(self.model.named_buffers())
+        unknown = [k for k in state_dict if k not in named]
+        shapes = [f"{k}: got {tuple(v.shape)}, model has {tuple(named[k].shape)}"
+                  for k, v in state_dict.items() if k in named and tuple(v.shape) != tuple(named[k].shape)]
+        if unknown or shapes:
+            raise ValueError("update_weights: " + "; ".join(
+                ([f"unknown names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"] if unknown else []) +
+                ([f"wrong shapes {shapes[:5]}"] if shapes else [])))
+        with torch.no_grad():
+            for k, v in state_dict.items():
+                named[k].copy_(v)
+        self.policy_version = self.policy_version + 1 if version is None else version
+        self.blocks.reset_prefix_cache()
+        for seq in list(self.scheduler.running):
+            seq.cacheable = False
+        if recompute_running:
+            for seq in reversed(list(self.scheduler.running)):
+                self.scheduler.preempt(seq)
+        return self.policy_version
+
+    # -- offline use -----------------------------------------------------------------------------------------------
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
+        """Run prompts to completion; per prompt, its n completions. Needs an otherwise idle engine."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine: other requests are in flight (use step())")
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            self._pending.clear()
+            raise
+        results = {rid: {} for rid in ids}
+        while self.has_unfinished():
+            for o in self.step():
+                c = results[o.request_id].setdefault(o.index, Completion(o.index))
+                c.token_ids += o.new_token_ids
+                c.logprobs += o.logprobs
+                c.sampling_logprobs += o.sampling_logprobs
+                c.top_logprobs += o.top_logprobs or []
+                c.policy_versions += o.policy_versions
+                if o.finished:
+                    c.finish_reason, c.stop_reason = o.finish_reason, o.stop_reason
+        return [[results[rid][i] for i in sorted(results[rid])] for rid in ids]
+
+    # -- stats -----------------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        b = self.blocks
+        return {"num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+                "num_requests": len(self.requests), "blocks_total": b.num_blocks, "blocks_used": b.num_used,
+                "blocks_free": b.num_free, "blocks_cached": b.num_cached, "block_size": b.block_size,
+                "cache_bytes": self.cache.nbytes, "max_model_len": self.max_model_len,
+                "prefix_cache_hit_tokens": b.hit_tokens, "num_preemptions": self.scheduler.num_preemptions,
+                "policy_version": self.policy_version, **self.counters}

@@ -1,0 +1,216 @@
+"""The engine's paged latent KV cache: block bookkeeping with prefix reuse, block storage, and a per-call batch view
+that implements the model's cache protocol (next_position / key_positions / update, see glm5/model/cache.py).
+
+Per token and main layer a slot holds the MLA latent row [C | R] (kv_lora_rank + qk_rope_head_dim) and, for layers
+with their own indexer, the indexer key [Di] -- never expanded K/V. MTP layers get no storage: the engine does not
+run them (no speculative decoding yet).
+
+Prefix reuse (as vLLM's automatic prefix caching): a block is registered once all its P slots are computed, under
+the key (key of the previous block, its P token ids). The key holds the token ids themselves, not a hash of them,
+so a lookup can never return another prefix's block; each registered block gets a fresh integer id that the next
+block's key refers to. Blocks are ref-counted; a registered block whose count drops to 0 moves to an LRU list and
+keeps its contents, so a later request with the same prefix takes it back; it is overwritten only when no
+never-registered free block is left.
+
+Letters: B rows (sequences) in one model call, T query tokens per row, S key slots, N blocks per row,
+P slots per block, W latent width (C + R), Di indexer key width.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from ..config import ModelConfig
+
+ROOT = 0  # key id of the empty prefix
+
+
+class NoFreeBlocks(RuntimeError):
+    pass
+
+
+class BlockManager:
+    """Which blocks are free, who holds them, and which hold a reusable prefix. No tensors."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref = [0] * num_blocks
+        self.key = [None] * num_blocks  # (parent key id, tokens) of a registered block
+        self.key_id = [ROOT] * num_blocks  # the id the next block's key refers to
+        self.table: dict[tuple, int] = {}  # key -> block
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-registered free blocks (pop from end)
+        self.lru: OrderedDict[int, None] = OrderedDict()  # registered blocks with ref 0, oldest first
+        self._next_id = ROOT + 1
+        self.hit_tokens = 0  # prompt tokens served from the prefix cache (stat)
+
+    # -- counts ----------------------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (free or evictable cached)."""
+        return len(self.free) + len(self.lru)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Free blocks still holding a reusable prefix."""
+        return len(self.lru)
+
+    # -- allocation ------------------------------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise NoFreeBlocks(f"need {n} blocks, {self.num_free} free")
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.pop()
+            else:  # evict the least recently freed cached prefix block
+                b, _ = self.lru.popitem(last=False)
+                self._unregister(b)
+            self.ref[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]):
+        # Tail blocks first: they reach the LRU first and are evicted first, so shared heads outlive private tails.
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            assert self.ref[b] >= 0, f"block {b} released twice"
+            if self.ref[b] == 0:
+                if self.key[b] is not None:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
+
+    # -- prefix reuse ----------------------------------------------------------------------------------------------
+    def take_prefix(self, tokens: list[int], max_blocks: int) -> tuple[list[int], int]:
+        """Acquire the longest registered chain of full blocks matching tokens (at most max_blocks).
+        Returns (blocks, key id of the last one)."""
+        P, parent, out = self.block_size, ROOT, []
+        for i in range(max_blocks):
+            b = self.table.get((parent, tuple(tokens[i * P:(i + 1) * P])))
+            if b is None:
+                break
+            if self.ref[b] == 0:
+                del self.lru[b]
+            self.ref[b] += 1
+            out.append(b)
+            parent = self.key_id[b]
+        self.hit_tokens += len(out) * P
+        return out, parent
+
+    def register(self, block: int, parent: int, tokens: list[int]) -> int:
+        """Register a just-filled block under (parent, tokens); returns the key id for the next block. If another
+        block already holds this prefix, that one stays the cached copy and this block stays private."""
+        key = (parent, tuple(tokens))
+        other = self.table.get(key)
+        if other is not None:
+            return self.key_id[other]
+        self.table[key] = block
+        self.key[block], self.key_id[block] = key, self._next_id
+        self._next_id += 1
+        return self.key_id[block]
+
+    def reset_prefix_cache(self):
+        """Forget every registered prefix (after a weight update their contents are stale)."""
+        for b in list(self.table.values()):
+            self._unregister(b)
+        self.free.extend(self.lru)
+        self.lru.clear()
+
+    def _unregister(self, b: int):
+        if self.key[b] is not None:
+            del self.table[self.key[b]]
+            self.key[b], self.key_id[b] = None, ROOT
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    n_index = sum(t == "full" for t in cfg.indexer_types)
+    width = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + n_index * cfg.index_head_dim
+    return width * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedKVCache:
+    """Block storage for the main layers: lat [layers, blocks, P, W], ikey [indexer layers, blocks, P, Di]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu"):
+        self.cfg, self.num_blocks, self.block_size, self.dtype, self.device = cfg, num_blocks, block_size, dtype, device
+        self.n_layers = cfg.num_hidden_layers
+        W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        full = [i for i, t in enumerate(cfg.indexer_types) if t == "full"]
+        self.ikey_index = {layer: j for j, layer in enumerate(full)}  # "shared" layers keep no index keys
+        self.lat = torch.zeros(self.n_layers, num_blocks, block_size, W, dtype=dtype, device=device)
+        self.ikey = torch.zeros(len(full), num_blocks, block_size, cfg.index_head_dim, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.lat.nbytes + self.ikey.nbytes
+
+    def batch_view(self, block_tables: list[list[int]], ctx_lens: list[int], new_lens: list[int]) -> "BatchView":
+        return BatchView(self, block_tables, ctx_lens, new_lens)
+
+
+class BatchView:
+    """The cache as one model call sees it: row b already holds ctx_lens[b] tokens (slots 0..ctx-1 of its block
+    table) and this call feeds new_lens[b] more; rows are padded to T = max(new_lens) query tokens and S key slots.
+    Padding queries repeat the row's last real position (so they see real keys and stay finite) and write nothing;
+    padding key slots have kpos = -1 (invisible)."""
+
+    def __init__(self, cache: PagedKVCache, block_tables, ctx_lens, new_lens):
+        P, dev = cache.block_size, cache.device
+        self.cache = cache
+        B, T = len(new_lens), max(new_lens)
+        ends = [c + n for c, n in zip(ctx_lens, new_lens)]
+        S = max(ends)
+        N = -(-S // P)
+        for b, table in enumerate(block_tables):
+            if len(table) * P < ends[b]:
+                raise ValueError(f"row {b}: {len(table)} blocks of {P} slots cannot hold {ends[b]} tokens")
+        self.table_BN = torch.tensor([t[:N] + [0] * (N - len(t[:N])) for t in block_tables], device=dev)
+        t_T = torch.arange(T, device=dev)
+        ctx_B1 = torch.tensor(ctx_lens, device=dev)[:, None]
+        new_B1 = torch.tensor(new_lens, device=dev)[:, None]
+        self.positions_BT = ctx_B1 + torch.minimum(t_T[None], new_B1 - 1)
+        s_S = torch.arange(S, device=dev)
+        self.kpos_BS = torch.where(s_S[None] < ctx_B1 + new_B1, s_S[None], -1)
+        valid_BT = t_T[None] < new_B1
+        self.all_valid = bool(valid_BT.all())
+        self.valid_M = valid_BT.flatten().nonzero().squeeze(1)  # flat (b, t) index of each real new token
+        pos_M = self.positions_BT.flatten()[self.valid_M]
+        row_M = self.valid_M // T
+        self.slot_M = self.table_BN[row_M, pos_M // P] * P + pos_M % P  # flat slot in [blocks * P]
+        self.B, self.T, self.S, self.N = B, T, S, N
+
+    # -- the model's cache protocol --------------------------------------------------------------------------------
+    def next_position(self) -> int:
+        raise RuntimeError("the engine passes positions explicitly")
+
+    def key_positions(self, positions_BT: torch.Tensor) -> torch.Tensor:
+        if positions_BT.shape != self.positions_BT.shape:
+            raise ValueError(f"positions {tuple(positions_BT.shape)} do not match the batch view "
+                             f"{tuple(self.positions_BT.shape)}")
+        return self.kpos_BS
+
+    def update(self, layer: int, lat_BTW: torch.Tensor, ikey_BTd: torch.Tensor | None):
+        c = self.cache
+        if layer >= c.n_layers:
+            raise ValueError(f"layer {layer}: the paged cache holds only the {c.n_layers} main layers (no MTP)")
+        lat = self._write_and_gather(c.lat[layer], lat_BTW)
+        ik = self._write_and_gather(c.ikey[c.ikey_index[layer]], ikey_BTd) if ikey_BTd is not None else None
+        return lat, ik
+
+    def _write_and_gather(self, store_NPX: torch.Tensor, new_BTX: torch.Tensor) -> torch.Tensor:
+        X = store_NPX.shape[-1]
+        src_MX = new_BTX.reshape(-1, X)
+        if not self.all_valid:
+            src_MX = src_MX[self.valid_M]
+        store_NPX.view(-1, X).index_copy_(0, self.slot_M, src_MX.to(store_NPX.dtype))
+        # [B, N, P, X] -> [B, S, X]: a copy of every slot of every row. The model takes its top-k rows from this;
+        # a cache method that gathers only those rows would make decode flat in S (see the engine's notes).
+        return store_NPX[self.table_BN].view(self.B, self.N * self.cache.block_size, X)[:, : self.S]

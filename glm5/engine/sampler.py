@@ -1,0 +1,167 @@
+"""Per-request sampling parameters and the batched sampler.
+
+Order of processing (each step, per row): raw logits -> min_tokens mask (eos / stop ids get -inf until min_tokens
+outputs exist) -> presence / frequency penalties (OpenAI's definition, over generated tokens only) -> greedy argmax
+if temperature == 0, else divide by temperature -> min_p -> top_k -> top_p -> draw.
+
+Log-probs reported per sampled token (RL needs the first, debugging sampling the second):
+  - `logprob`: log_softmax of the raw model logits (fp32), before any processing: the policy's own probability,
+    what a trainer recomputes. `top_logprobs` are also taken from the raw distribution (vLLM's default
+    "raw_logprobs" mode).
+  - `sampling_logprob`: log-prob under the distribution the token was actually drawn from (after the steps above);
+    0.0 for greedy, which draws from a point mass.
+
+Reproducibility: every sequence owns a torch.Generator (seeded from `seed`, or from the engine's seed stream when
+None) and only its own row consumes it, so a seeded request samples the same tokens whatever else shares its batch
+(up to rounding of the batched logits). With n > 1, sample i uses seed + i.
+
+Letters: B rows, V vocab, K top logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None = up to the model's context / the cache's capacity
+    min_tokens: int = 0  # vLLM: eos and stop ids are masked until this many tokens were generated
+    stop: list[str] = field(default_factory=list)  # needs the engine's `detokenize` callable
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM: do not stop at the model's eos ids
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0  # also return the k most likely tokens (raw distribution) at each step
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self):
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1, 0 (off) or >= 1, got {self.top_k!r}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}"),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens!r}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (isinstance(self.top_logprobs, int) and self.top_logprobs >= 0, f"top_logprobs must be >= 0, got {self.top_logprobs!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
+            (all(isinstance(t, int) for t in self.stop_token_ids), f"stop_token_ids must be integers, got {self.stop_token_ids!r}"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer or None, got {self.seed!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class SeqSampling:
+    """Per-sequence sampling state the engine keeps next to the scheduler's Sequence."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    eos_ids: list[int]  # empty when ignore_eos
+
+    @property
+    def min_tokens_mask(self) -> list[int]:
+        return sorted(set(self.params.stop_token_ids) | set(self.eos_ids))
+
+
+@dataclass
+class Sampled:
+    tokens: list[int]
+    logprobs: list[float]  # raw
+    sampling_logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+def make_generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[list[int]]) -> Sampled:
+    """Draw one token per row. outputs[b] = the row's generated tokens so far (penalties and min_tokens)."""
+    B, V = logits_BV.shape
+    raw_BV = logits_BV.float().log_softmax(-1)  # fp32: these log-probs feed RL importance ratios
+    x_BV = logits_BV.float().clone()
+    for b, (st, out) in enumerate(zip(states, outputs)):
+        p = st.params
+        if len(out) < p.min_tokens and st.min_tokens_mask:
+            x_BV[b, torch.tensor(st.min_tokens_mask, device=x_BV.device)] = float("-inf")
+        if (p.presence_penalty or p.frequency_penalty) and out:
+            count_V = torch.bincount(torch.tensor(out, device=x_BV.device), minlength=V)[:V].float()
+            x_BV[b] -= p.frequency_penalty * count_V + p.presence_penalty * (count_V > 0).float()
+
+    greedy_B = torch.tensor([st.params.greedy for st in states], device=x_BV.device)
+    temp_B1 = torch.tensor([st.params.temperature or 1.0 for st in states], device=x_BV.device)[:, None]
+    x_BV = torch.where(greedy_B[:, None], x_BV, x_BV / temp_B1)
+    x_BV = _filter(x_BV, states)
+    lp_BV = x_BV.log_softmax(-1)
+
+    # Exponential race (= Gumbel max): argmax p / E with E ~ Exp(1) drawn from the row's own generator.
+    noise_BV = torch.ones_like(x_BV)
+    for b, st in enumerate(states):
+        if not st.params.greedy:
+            noise_BV[b].exponential_(generator=st.generator)
+    # E == 0 would give +inf and turn a dropped token's -inf into NaN, which argmax prefers: clamp it away.
+    race_BV = torch.where(greedy_B[:, None], x_BV, lp_BV - noise_BV.clamp_min(torch.finfo(torch.float32).tiny).log())
+    tok_B = race_BV.argmax(-1)
+    samp_B = torch.where(greedy_B, torch.zeros_like(tok_B, dtype=torch.float32), lp_BV.gather(1, tok_B[:, None])[:, 0])
+    raw_B = raw_BV.gather(1, tok_B[:, None])[:, 0]
+
+    k = max(st.params.top_logprobs for st in states)
+    tops: list = [None] * B
+    if k:
+        val_BK, idx_BK = raw_BV.topk(min(k, V), dim=-1)
+        val, idx = val_BK.tolist(), idx_BK.tolist()
+        for b, st in enumerate(states):
+            kb = st.params.top_logprobs
+            if kb:
+                tops[b] = list(zip(idx[b][:kb], val[b][:kb]))
+    return Sampled(tok_B.tolist(), raw_B.tolist(), samp_B.tolist(), tops)
+
+
+def _filter(x_BV: torch.Tensor, states: list[SeqSampling]) -> torch.Tensor:
+    """min_p, top_k, top_p on tempered logits; dropped tokens get -inf. Rows that need none are untouched."""
+    dev = x_BV.device
+    sampled = [not st.params.greedy for st in states]
+    min_p_B = torch.tensor([st.params.min_p if s else 0.0 for st, s in zip(states, sampled)], device=dev)
+    top_k_B = torch.tensor([st.params.top_k if s and st.params.top_k > 0 else 0 for st, s in zip(states, sampled)], device=dev)
+    top_p_B = torch.tensor([st.params.top_p if s else 1.0 for st, s in zip(states, sampled)], device=dev)
+    if bool((min_p_B > 0).any()):
+        p_BV = x_BV.softmax(-1)
+        x_BV = x_BV.masked_fill(p_BV < min_p_B[:, None] * p_BV.max(-1, keepdim=True).values, float("-inf"))
+    if bool((top_k_B > 0).any()) or bool((top_p_B < 1).any()):
+        sorted_BV, order_BV = x_BV.sort(-1, descending=True)
+        rank_V = torch.arange(x_BV.shape[-1], device=dev)
+        drop_BV = (top_k_B[:, None] > 0) & (rank_V[None] >= top_k_B[:, None])
+        sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+        # top_p: keep the smallest head of the sorted list whose mass reaches top_p (the first token always stays).
+        p_BV = sorted_BV.softmax(-1)
+        before_BV = p_BV.cumsum(-1) - p_BV  # mass strictly before each token
+        cut_BV = (before_BV >= top_p_B[:, None]) & (top_p_B[:, None] < 1)  # top_p = 1 must not drop tail rounding
+        sorted_BV = sorted_BV.masked_fill(cut_BV, float("-inf"))
+        x_BV = torch.full_like(x_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+    return x_BV

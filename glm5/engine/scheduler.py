@@ -1,0 +1,158 @@
+"""Continuous batching: which sequences run this step and how many tokens each feeds. Queues and budgets only;
+no tensors (the runner builds those).
+
+Each step (as vLLM's v1 scheduler, simplified):
+  1. running sequences in admission order, decodes (one token) before unfinished prefills; each takes
+     min(tokens still to compute, budget left), so a long prompt is prefilled in chunks over several steps.
+     If the cache has no room for a sequence's new slots, the newest running sequence is preempted: its blocks are
+     released (full ones stay in the prefix cache's LRU) and it goes back to the front of the waiting queue with
+     nothing computed; when readmitted it recomputes prompt + generated tokens (in chunks, like a prompt), reusing
+     whatever prefix blocks survived. The oldest running sequence can therefore always progress, and since no
+     request larger than the whole cache is admitted (the engine checks at add time), none ever fails for lack
+     of room.
+  2. if nothing was preempted, waiting sequences in order while budget, max_num_seqs and free blocks allow,
+     after taking their longest cached prefix.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .kv_cache import ROOT, BlockManager
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    state: object = None  # the engine's per-sequence sampling state (opaque here)
+    num_computed: int = 0  # tokens whose KV is in the cache
+    blocks: list[int] = field(default_factory=list)
+    num_registered: int = 0  # leading full blocks known to the prefix cache
+    chain: int = ROOT  # key id of the last of them
+    cacheable: bool = True  # False once the weights changed under it: its KV mixes two policies
+    status: str = WAITING
+    admitted: int = -1  # admission counter: lower = older = higher priority
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.blocks = blocks
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order
+        self._admissions = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence, front: bool = False):
+        seq.status = WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        P = self.blocks.block_size
+        return max(0, -(-(seq.num_computed + n) // P) - len(seq.blocks))
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """[(sequence, number of tokens it feeds this step)], blocks already allocated for them."""
+        budget = self.max_num_batched_tokens
+        plan: dict[Sequence, int] = {}
+        preempted = False
+        order = [s for s in self.running if s.num_tokens - s.num_computed == 1] + \
+                [s for s in self.running if s.num_tokens - s.num_computed > 1]
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status != RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self._blocks_needed(seq, n)
+            while need > self.blocks.num_free:
+                victim = self.running[-1]  # the newest admitted
+                if victim in plan:
+                    budget += plan.pop(victim)
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != RUNNING:
+                continue
+            seq.blocks += self.blocks.allocate(need)
+            plan[seq] = n
+            budget -= n
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            taken: list[int] = []
+            if seq.num_computed == 0 and not seq.blocks and seq.cacheable:
+                # At least the last token must be fed: its logits give the next token.
+                max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+                taken, seq.chain = self.blocks.take_prefix(seq.tokens, max_blocks)
+                seq.blocks, seq.num_registered = taken, len(taken)
+                seq.num_computed = len(taken) * self.blocks.block_size
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self._blocks_needed(seq, n)
+            if need > self.blocks.num_free:
+                self._reset(seq)
+                break
+            seq.blocks += self.blocks.allocate(need)
+            self.waiting.popleft()
+            seq.status, seq.admitted = RUNNING, self._admissions
+            self._admissions += 1
+            self.running.append(seq)
+            plan[seq] = n
+            budget -= n
+        return list(plan.items())
+
+    def advance(self, seq: Sequence, n: int):
+        """After the model call: n more tokens of seq are in the cache; register blocks that just filled up."""
+        seq.num_computed += n
+        if not seq.cacheable:
+            return
+        P = self.blocks.block_size
+        while seq.num_registered < seq.num_computed // P:
+            i = seq.num_registered
+            seq.chain = self.blocks.register(seq.blocks[i], seq.chain, seq.tokens[i * P:(i + 1) * P])
+            seq.num_registered += 1
+
+    # -- leaving the running set -----------------------------------------------------------------------------------
+    def preempt(self, seq: Sequence):
+        self.running.remove(seq)
+        self._reset(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.cacheable = True  # recomputed from scratch with the current weights
+        self.add(seq, front=True)
+
+    def finish(self, seq: Sequence):
+        """Remove seq (running or waiting) and release its blocks."""
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+        elif seq.status == WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._reset(seq)
+        seq.status = FINISHED
+
+    def _reset(self, seq: Sequence):
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.num_computed, seq.num_registered, seq.chain = [], 0, 0, ROOT
