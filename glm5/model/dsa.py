@@ -38,30 +38,36 @@ class Indexer(nn.Module):
         """Index keys [B, T, Di]: what the engine caches per token (one head, 128 wide in GLM-5)."""
         return self._rope_first(self.k_norm(self.wk(x_BTD)), cos, sin)
 
-    def scores(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS) -> torch.Tensor:
-        """Index scores [B, T, S] in fp32, -inf where the key is not visible to the query."""
+    def scores(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T=None) -> torch.Tensor:
+        """Index scores [B, T, S] in fp32, -inf where the key is not visible to the query.
+        key_end_T[t] bounds the keys query t can see (see `key_ends`); computed here if not given."""
         B, T, _ = x_BTD.shape
         S = k_BSd.shape[1]
         q_BTHd = self._rope_first(self.wq_b(q_resid_BTQ).view(B, T, self.n_heads, self.head_dim), cos, sin)
         # fp32 for the head weights and the score sums: these decide a discrete top-k, rounding flips choices.
         w_BT1H = (self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5).unsqueeze(-2)
+        q_BTHd = q_BTHd.float() * self.head_dim**-0.5  # scale the [T, H, d] queries, not the [T, H, S] scores
         kT_B1dS = k_BSd.float().transpose(-1, -2).unsqueeze(1)
+        key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T
         # Query blocks, each scored only against keys up to its last visible one: causal prefill does half the work,
         # and no [B, T, HI, S] block exists whole.
         step = max(1, min(QUERY_BLOCK, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * S)))
         index_BTS = torch.full((B, T, S), float("-inf"), device=x_BTD.device)
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
-            s1 = key_extent(visible_BTS, t0, t1)
-            s_BtHs = F.relu(torch.matmul(q_BTHd[:, t0:t1].float(), kT_B1dS[..., :s1]) * self.head_dim**-0.5)
+            s1 = max(1, max(key_end_T[t0:t1]))
+            s_BtHs = torch.matmul(q_BTHd[:, t0:t1], kT_B1dS[..., :s1]).relu_()
             index_BTS[:, t0:t1, :s1] = torch.matmul(w_BT1H[:, t0:t1], s_BtHs).squeeze(-2)
         return index_BTS.masked_fill(~visible_BTS, float("-inf"))
 
 
-def key_extent(visible_BTS: torch.Tensor, t0: int, t1: int) -> int:
-    """1 + the last key slot that any query in [t0, t1) can see (keys past it need no work)."""
-    seen_S = visible_BTS[:, t0:t1].any(dim=1).any(dim=0)
-    return int(seen_S.nonzero().max()) + 1 if bool(seen_S.any()) else 1
+def key_ends(visible_BTS: torch.Tensor) -> torch.Tensor:
+    """[T] int: 1 + the last key slot query t sees in any batch row (0 if none). Query blocks stop there, so a
+    causal prefill does half the work of a full [T, S] pass. One pass over the mask per forward."""
+    seen_TS = visible_BTS.any(dim=0)
+    S = seen_TS.shape[-1]
+    last_T = S - 1 - seen_TS.flip(-1).to(torch.uint8).argmax(-1)
+    return torch.where(seen_TS.any(-1), last_T + 1, torch.zeros_like(last_T)).tolist()
 
 
 def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:

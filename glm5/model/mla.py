@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .dsa import QUERY_BLOCK, Indexer, key_extent, select_topk
+from .dsa import QUERY_BLOCK, Indexer, key_ends, select_topk
 from .layers import RMSNorm, apply_rope
 
 ATTN_IMPLS = ("auto", "expanded", "absorbed")
@@ -37,6 +37,7 @@ class AttnContext:
     cos: torch.Tensor  # [B, T, R/2] for the query positions
     sin: torch.Tensor
     visible_BTS: torch.Tensor  # bool: key slot s is causally visible to query t (and in the same document)
+    key_end_T: list  # [T] 1 + last key slot query t can see: query blocks never look past it
     cache: object | None = None  # .update(layer, latent_BTL, ikey_BTd | None) -> (latent_BSL, ikey_BSd | None)
     attn_impl: str = "auto"
     dsa_impl: str = "auto"
@@ -98,7 +99,7 @@ class MLAttention(nn.Module):
         if self.indexer is not None:
             want = aux is not None and aux.want_index_scores
             if sparse or want:
-                index_BTS = self.indexer.scores(x_idx, q_idx, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS)
+                index_BTS = self.indexer.scores(x_idx, q_idx, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS, ctx.key_end_T)
                 if want:
                     aux.index_scores[self.layer_idx] = index_BTS
                 topk_BTK = select_topk(index_BTS.detach(), self.index_topk) if sparse else None
@@ -108,7 +109,8 @@ class MLAttention(nn.Module):
                 aux.attn_probs[self.layer_idx] = self.attn_probs(q_nope_BTHN, q_rope_BTHR, lat_BSL,
                                                                  self.keep_mask(ctx.visible_BTS, topk_BTK))
 
-        o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, ctx.dsa_impl)
+        o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, ctx.dsa_impl,
+                             ctx.key_end_T)
         return self.o_proj(o_BTHV.flatten(2)), topk_BTK
 
     @staticmethod
@@ -131,7 +133,8 @@ class MLAttention(nn.Module):
         return out
 
     # -- attention over the latent ----------------------------------------------------------------------------
-    def attend(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl="auto", dsa_impl="auto"):
+    def attend(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl="auto", dsa_impl="auto",
+               key_end_T=None):
         T = q_nope_BTHN.shape[1]
         if attn_impl not in ATTN_IMPLS or dsa_impl not in DSA_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, dsa_impl one of {DSA_IMPLS}")
@@ -146,7 +149,9 @@ class MLAttention(nn.Module):
             rows_BTKL = lat_BSL[b_B11, topk_BTK]
             keep_BTK = visible_BTS.gather(-1, topk_BTK)
             return self._attend_rows(q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl)
-        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, self.keep_mask(visible_BTS, topk_BTK), attn_impl)
+        key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T
+        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, self.keep_mask(visible_BTS, topk_BTK), attn_impl,
+                                   key_end_T)
 
     def _w_kv(self):
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent)
@@ -165,9 +170,8 @@ class MLAttention(nn.Module):
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_k)
         return torch.cat([q_lat_BTHC, q_rope_BTHR], dim=-1)  # [B, T, H, L]
 
-    def _attend_shared(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS, attn_impl):
-        """All queries see the same S key slots, masked per query: one SDPA call."""
-        mask_B1TS = keep_BTS.unsqueeze(1)
+    def _attend_shared(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS, attn_impl, key_end_T):
+        """All queries see the same S key slots, masked per query: SDPA per query block."""
         if attn_impl == "expanded":
             k_BSHE, v_BSHV = self._expand(lat_BSL)
             q_BHTE = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1).transpose(1, 2)
@@ -177,14 +181,22 @@ class MLAttention(nn.Module):
             q_BHTE = self._absorb_q(q_nope_BTHN, q_rope_BTHR).transpose(1, 2)
             k_BHSE, v_BHSV = lat_BSL.unsqueeze(1), lat_BSL[..., : self.latent].unsqueeze(1)  # one latent "head"
             gqa = True
+        E, V = q_BHTE.shape[-1], v_BHSV.shape[-1]
+        if V < E:  # CPU SDPA takes its fused (flash) kernel only when q, k, v share a head dim: pad v (4x here)
+            v_BHSV = F.pad(v_BHSV, (0, E - V))
         T = q_BHTE.shape[2]
-        o_BHTV = q_BHTE.new_empty(*q_BHTE.shape[:3], v_BHSV.shape[-1])
+        # Additive mask, finite: a query with nothing kept stays finite (SDPA's bool masks take a slower path here).
+        neg = torch.tensor(torch.finfo(q_BHTE.dtype).min, dtype=q_BHTE.dtype, device=q_BHTE.device)
+        zero = torch.zeros((), dtype=q_BHTE.dtype, device=q_BHTE.device)
+        o_BHTE = q_BHTE.new_empty(q_BHTE.shape)
         for t0 in range(0, T, QUERY_BLOCK):  # query blocks stop at their last visible key: causal work halves
             t1 = min(T, t0 + QUERY_BLOCK)
-            s1 = key_extent(keep_BTS, t0, t1)
-            o_BHTV[:, :, t0:t1] = F.scaled_dot_product_attention(
-                q_BHTE[:, :, t0:t1], k_BHSE[:, :, :s1], v_BHSV[:, :, :s1], attn_mask=mask_B1TS[:, :, t0:t1, :s1],
+            s1 = max(1, int(max(key_end_T[t0:t1])))
+            bias_B1tS = torch.where(keep_BTS[:, None, t0:t1, :s1], zero, neg)
+            o_BHTE[:, :, t0:t1] = F.scaled_dot_product_attention(
+                q_BHTE[:, :, t0:t1], k_BHSE[:, :, :s1], v_BHSV[:, :, :s1], attn_mask=bias_B1tS,
                 scale=self.scale, enable_gqa=gqa)
+        o_BHTV = o_BHTE[..., :V]
         if attn_impl == "expanded":
             return o_BHTV.transpose(1, 2)  # [B, T, H, V]
         _, w_v = self._w_kv()

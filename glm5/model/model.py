@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import MLP, RMSNorm, rope_angles
+from .dsa import key_ends
 from .mla import AttnContext, ForwardAux, MLAttention
 from .moe import MOE_IMPLS, MoE
 
@@ -103,7 +104,7 @@ class GLM5(nn.Module):
             visible = (idx[None, :] <= idx[:, None]).unsqueeze(0).expand(positions_BT.shape[0], T, T)
             if doc_ids_BT is not None:  # packed sequences: never attend across a document boundary
                 visible = visible & (doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :])
-        return AttnContext(cos, sin, visible, cache, self.impl.attn, self.impl.dsa, aux)
+        return AttnContext(cos, sin, visible, key_ends(visible), cache, self.impl.attn, self.impl.dsa, aux)
 
     def hidden(self, input_ids_BT, positions_BT=None, cache=None, doc_ids_BT=None, aux: ForwardAux | None = None):
         """Final-norm hidden states [B, T, D]."""
