@@ -1,0 +1,357 @@
+"""`train(cfg)`: the pre-training loop and the two DSA stages, top to bottom, for one process or many (torchrun).
+
+One step:  global batch (every rank packs the same one and takes its rows) -> micro-batches: forward + backward with
+losses normalised by global counts -> gradient clip -> optimizer step -> MoE bias update from the expert loads summed
+over ranks -> metrics (JSONL, progress bar) -> checkpoint every `save_every` steps. Multi-process is the same loop:
+DDP (or FSDP2 `fully_shard`) wraps the loss module; only the all-reduces of statistics are extra.
+
+The caller sets up the process group (glm5/train/cli.py does, from torchrun's environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from .. import Impl, load_model
+from ..weights import CheckpointError
+from . import checkpoint as ckpt
+from .balance import all_reduce_loads, imbalance, update_bias
+from .data import JsonlDocs, Packer, SyntheticDocs
+from .losses import STAGES, ForwardLoss, loss_denominators
+from .optim import SCHEDULES, build_optimizer, lr_factor, set_lr
+
+log = logging.getLogger("glm5.train")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # preset, config.json, or a checkpoint directory (its weights are the starting point)
+    out_dir: str = "runs/train"  # metrics.jsonl, plots and checkpoints/ go here
+    stage: str = "pretrain"  # pretrain | dsa_warmup | sparse (see losses.py)
+    data: str = "synthetic"  # "synthetic" or a .jsonl file of token-id documents
+    synthetic_docs: int = 100_000
+    synthetic_max_len: int = 96
+    seq_len: int = 64
+    batch_size: int = 8  # rows per optimizer step, over all ranks and micro-batches
+    micro_batch: int = 0  # rows per forward per rank; 0 = batch_size / world size (no accumulation)
+    steps: int = 100
+    optimizer: str = "adamw"  # adamw | muon (Muon for 2-D hidden matrices, AdamW for the rest)
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    decay_frac: float = 0.2  # WSD: the final fraction of steps that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    mtp_depth: int = 1  # MTP depths sharing the one MTP layer (GLM-5: 3); 0 = no MTP loss
+    mtp_weight: float = 0.3
+    balance_weight: float = 1e-4  # sequence-wise balance loss weight (DeepSeek-V3: "extremely small")
+    bias_speed: float = 1e-3  # aux-loss-free bias update speed (DeepSeek-V3: 0.001)
+    indexer_weight: float = 1.0  # sparse stage: weight of the indexer KL (it reaches only the indexer)
+    recall_every: int = 10  # sparse stage: dense probe of top-k attention-mass recall every N steps (0 = never)
+    autocast: str = "none"  # none | bf16 (bf16 autocast; worth it only where bf16 matmuls are fast)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard); used only with more than one process
+    device: str = "cpu"
+    seed: int = 0
+    save_every: int = 100  # 0 = only at the end
+    keep_last: int = 3
+    resume: str = ""  # "" fresh start | "auto" newest checkpoint in out_dir (fresh if none) | a checkpoint dir
+    log_every: int = 10  # lines to the log when the progress bar is off
+    progress: bool = True
+    plots: bool = True
+
+    def validate(self, world: int) -> None:
+        checks = [
+            (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}"),
+            (self.autocast in ("none", "bf16"), f"autocast must be 'none' or 'bf16', got {self.autocast!r}"),
+            (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
+            (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
+            (0 <= self.mtp_depth < self.seq_len, f"mtp_depth must be in [0, seq_len), got {self.mtp_depth}"),
+            (self.batch_size % world == 0, f"batch_size {self.batch_size} is not divisible by {world} processes"),
+        ]
+        micro = self.micro_batch or self.batch_size // world
+        checks.append(((self.batch_size // world) % micro == 0,
+                       f"micro_batch {micro} does not divide the {self.batch_size // world} rows of each process"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+# -- set-up helpers --------------------------------------------------------------------------------------------------
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def set_stage(model, stage: str, mtp_depth: int) -> None:
+    """Which parameters train, and dense or sparse attention, per stage (GLM5.md §3)."""
+    for name, p in model.named_parameters():
+        indexer = ".indexer." in name
+        train = {"pretrain": not indexer, "dsa_warmup": indexer, "sparse": True}[stage]
+        if name.startswith("mtp.") and mtp_depth == 0:
+            train = False  # unused parameters would stall DDP's gradient buckets
+        p.requires_grad_(train)
+    model.impl = Impl(attn=model.impl.attn, dsa="auto" if stage == "sparse" else "off", moe=model.impl.moe)
+
+
+def checkpoint_layers(model) -> None:
+    """Activation checkpointing without changing parameter names: each decoder layer's forward is recomputed in the
+    backward pass (non-reentrant, so the side outputs the layer records still get gradients)."""
+    for layer in [*model.model.layers, *model.mtp]:
+        layer.forward = functools.partial(activation_checkpoint, layer.forward, use_reentrant=False)
+
+
+def wrap_parallel(net, model, parallel: str, world: int, device: torch.device):
+    if world == 1:
+        return net
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        for layer in model.mtp:
+            # mtp_step uses the MTP layer's own enorm / hnorm / eh_proj before calling the layer, so the layer cannot
+            # be one FSDP unit: shard its attention and MoE (the bulk), and leave those small parts to the root.
+            fully_shard(layer.self_attn)
+            fully_shard(layer.mlp)
+        fully_shard(net)  # the root: embedding, final norm, head, and the rest
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    # No buffer sync per forward: the MoE biases are updated identically on every rank from all-reduced loads (the
+    # init-time sync is harmless: every rank built the same model).
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=ids, forward_sync_buffers=False)
+
+
+def build_source(cfg: TrainConfig, vocab_size: int):
+    if cfg.data == "synthetic":
+        return SyntheticDocs(vocab_size, n_docs=cfg.synthetic_docs, max_len=cfg.synthetic_max_len, seed=cfg.seed)
+    return JsonlDocs(cfg.data)
+
+
+def full_model_state(model, fsdp: bool):
+    """Something glm5.save_checkpoint can write (on rank 0): the model itself, or its gathered FSDP2 state."""
+    if not fsdp:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return SimpleNamespace(config=model.config, state_dict=lambda: sd)
+
+
+def optimizer_state(model, opt, world: int) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt.opts, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=world > 1))
+
+
+def load_optimizer_state(model, opt, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt.opts, osd, options=StateDictOptions(full_state_dict=True))
+
+
+def gather_rng(world: int) -> list[dict]:
+    st = ckpt.rng_state()
+    if world == 1:
+        return [st]
+    out = [None] * world
+    dist.all_gather_object(out, st)  # in-memory exchange between our own ranks (no file is unpickled)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, source=None) -> dict:
+    """Run cfg.steps optimizer steps (continuing from a checkpoint with cfg.resume). `source`: any iterable of
+    token-id documents (see data.py); default from cfg.data. Returns the last step's metrics."""
+    rank, world = dist_info()
+    cfg.validate(world)
+    device = torch.device(cfg.device)
+    run = Path(cfg.out_dir)
+    ckpt_root = run / "checkpoints"
+    resume_from = ckpt.resolve(cfg.resume, ckpt_root)
+    if not cfg.resume and ckpt.list_checkpoints(ckpt_root):
+        raise ValueError(f"{ckpt_root} already holds checkpoints: pass --resume auto to continue that run, or "
+                         "choose another --out-dir")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        for name in ckpt.clean_stale(ckpt_root):
+            log.warning("removed %s/%s, left by a save that did not finish", ckpt_root, name)
+
+    # Model: the resumed checkpoint's weights (verified first), or cfg.model (a preset is seeded by cfg.seed).
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    state = None
+    if resume_from is not None:
+        state = ckpt.load(resume_from)  # raises CheckpointError naming the bad file: training never starts from it
+        model = load_model(resume_from / "model", dtype=torch.float32, device=device)
+    else:
+        model = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
+    model.train()
+    set_stage(model, cfg.stage, cfg.mtp_depth)
+    if cfg.activation_checkpointing:
+        checkpoint_layers(model)
+    net = ForwardLoss(model, cfg.stage, cfg.mtp_depth, cfg.mtp_weight, cfg.balance_weight, cfg.indexer_weight)
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    net = wrap_parallel(net, model, cfg.parallel, world, device)
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), sharded=fsdp)
+    packer = Packer(source if source is not None else build_source(cfg, model.config.vocab_size),
+                    cfg.batch_size, cfg.seq_len, model.config.vocab_size)
+    start = 0
+    if state is not None:
+        start = state["step"]
+        load_optimizer_state(model, opt, state["optimizer"])
+        packer.load_state_dict(state["trainer_state"]["data"])
+        ckpt.set_rng_state(state["rng"][rank % len(state["rng"])])
+        if rank == 0:
+            log.info("resumed from %s at step %d", resume_from, start)
+
+    metrics_f = (run / "metrics.jsonl").open("a") if rank == 0 else None
+    if metrics_f and state is not None:
+        metrics_f.write(json.dumps({"event": "resume", "step": start, "from": str(resume_from)}) + "\n")
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
+    rows_per_rank = cfg.batch_size // world
+    micro = cfg.micro_batch or rows_per_rank
+    n_micro = rows_per_rank // micro
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    params = [p for p in model.parameters() if p.requires_grad]
+    record: dict = {}
+    saved = start
+
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        batch = packer.next_batch()
+        if batch is None:
+            log.warning("data ran out after %d steps", step)
+            break
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
+        set_lr(opt, lr)
+        den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, cfg.mtp_depth)
+        mine = batch.rows(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
+
+        sums: dict[str, torch.Tensor] = {}
+        loads: dict[int, torch.Tensor] = {}
+        for i in range(n_micro):
+            mb = mine.rows(i * micro, (i + 1) * micro)
+            last = i == n_micro - 1
+            if fsdp:
+                net.set_requires_gradient_sync(last)
+            sync = net.no_sync() if (world > 1 and not fsdp and not last) else contextlib.nullcontext()
+            with sync:
+                with amp:
+                    total, losses, stats = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den)
+                # DDP / FSDP average gradients over ranks; the losses are already global means: undo the average.
+                (total * world).backward()
+            for k, v in {"loss": total, **losses}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            if "recall_sum" in stats:
+                sums["recall_sum"] = sums.get("recall_sum", 0.0) + stats["recall_sum"]
+                sums["recall_n"] = sums.get("recall_n", 0.0) + torch.tensor(float(stats["recall_n"]))
+            for layer, load in stats["loads"].items():
+                loads[layer] = loads[layer] + load if layer in loads else load
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loads = all_reduce_loads(loads)
+        if cfg.stage != "dsa_warmup":  # the warm-up trains the indexers and nothing else
+            update_bias(model, loads, cfg.bias_speed)
+
+        if cfg.stage == "sparse" and cfg.recall_every and (step + 1) % cfg.recall_every == 0:
+            mb = mine.rows(0, micro)
+            with torch.no_grad():  # outside the wrapper too: DDP must not expect a backward for this forward
+                s, n = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, probe_recall=True)
+            sums["recall_sum"], sums["recall_n"] = s, torch.tensor(float(n))
+        keys = sorted(sums)
+        vec = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).reshape(()) for k in keys]),
+                             world)
+        tot = dict(zip(keys, vec.tolist()))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        dt = time.perf_counter() - t0
+
+        record = {"step": step + 1, "stage": cfg.stage, "lr": lr, "loss": tot["loss"], "grad_norm": float(grad_norm),
+                  "tokens": (step + 1) * tokens_per_step, "tok_per_s": tokens_per_step / dt, "step_s": dt}
+        for k in ("lm", "mtp", "balance", "indexer_kl"):
+            if k in tot:
+                record[k] = tot[k]
+        if tot.get("recall_n", 0) > 0:
+            record["recall"] = tot["recall_sum"] / tot["recall_n"]
+        if loads:
+            record["expert_load"] = {str(k): (v / v.sum()).tolist() for k, v in sorted(loads.items())}
+            record["imbalance"] = {str(k): imbalance(v) for k, v in sorted(loads.items())}
+        if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+            raise FloatingPointError(f"step {step + 1}: loss {record['loss']}, grad norm {record['grad_norm']}")
+        if metrics_f:
+            metrics_f.write(json.dumps(record) + "\n")
+            metrics_f.flush()
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_per_s']:.0f}")
+            bar.update(1)
+        elif rank == 0 and (step + 1) % max(1, cfg.log_every) == 0:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.steps, record["loss"], lr,
+                     record["tok_per_s"])
+
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            saved = save(cfg, model, opt, packer, step + 1, world, rank, fsdp, ckpt_root)
+
+    if record and record["step"] > saved:  # the end of the run (or of the data) is always saved
+        save(cfg, model, opt, packer, record["step"], world, rank, fsdp, ckpt_root)
+    if bar is not None:
+        bar.close()
+    if metrics_f:
+        metrics_f.close()
+    return record
+
+
+def save(cfg: TrainConfig, model, opt, packer, step: int, world: int, rank: int, fsdp: bool, root: Path) -> int:
+    """Gather everything a resume needs (collectives on every rank), write it on rank 0, refresh the plots."""
+    osd = optimizer_state(model, opt, world)
+    full = full_model_state(model, fsdp)
+    rngs = gather_rng(world)
+    if rank == 0:
+        trainer_state = {"data": packer.state_dict(), "world_size": world, "config": dataclasses.asdict(cfg)}
+        ckpt.save(root, step, full, osd, rngs, trainer_state, cfg.keep_last)
+        if cfg.plots:
+            from .plots import write_plots
+
+            write_plots(root.parent / "metrics.jsonl", root.parent)
+    if world > 1:
+        dist.barrier()  # no rank runs ahead (and could be killed) before the checkpoint exists
+    return step
+
+
+__all__ = ["TrainConfig", "train", "CheckpointError"]

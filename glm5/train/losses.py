@@ -1,0 +1,194 @@
+"""Training losses, each a short function, and `ForwardLoss`: the one module a training step calls (so DDP and FSDP2
+see a single forward), returning the stage's total loss plus detached statistics.
+
+Stages (GLM5.md §3):
+  pretrain    dense attention (MLA), indexers frozen; loss = LM + MTP + sequence-wise balance
+  dsa_warmup  dense attention, only the indexers train; loss = KL(main attention || softmax(index scores)) over the
+              visible keys of each query
+  sparse      top-k attention, everything trains; loss = LM + MTP + balance + KL over the selected keys only, with
+              the indexer's inputs detached: the indexer learns only from the KL, the rest only from the LM losses
+
+Normalisation: every loss is a sum over this micro-batch divided by a count over the *whole* optimizer step
+(all micro-batches, all ranks), taken from the global batch every rank holds. Summing micro-batch gradients and
+averaging over ranks (times world size) then gives exactly the global mean, whatever the split.
+
+Letters: B rows, T tokens, S key slots, V vocab, N = B*T routed tokens, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import ForwardAux
+from ..model.dsa import select_topk
+
+IGNORE = -100
+STAGES = ("pretrain", "dsa_warmup", "sparse")
+
+
+# -- labels and plain losses ----------------------------------------------------------------------------------------
+def shifted_labels(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, shift: int, n: int) -> torch.Tensor:
+    """Labels [B, n] for predicting token t + shift from position t: IGNORE where that token lies in another
+    document (packed rows), so neither the next-token head nor any MTP depth learns across a boundary."""
+    lab_Bn = tokens_BT1[:, shift:shift + n]
+    same_Bn = doc_BT1[:, shift:shift + n] == doc_BT1[:, :n]
+    return lab_Bn.masked_fill(~same_Bn, IGNORE)
+
+
+def ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    # Cross-entropy in fp32: a bf16 log-sum-exp over 155k logits loses the small probabilities that carry the loss.
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def sequence_balance_sum(idx_Nk: torch.Tensor, logits_NE: torch.Tensor, rows: int) -> torch.Tensor:
+    """DeepSeek-V3 complementary sequence-wise balance loss, summed over rows (sequences):
+    per row sum_e f_e * P_e with f_e = E / (k T) * #tokens routed to e, P_e = mean_t s_te / sum_e' s_te'.
+    1.0 for a perfectly balanced row; the caller scales it by a small weight."""
+    N, k = idx_Nk.shape
+    E = logits_NE.shape[1]
+    T = N // rows
+    s_NE = logits_NE.float().sigmoid()  # the router's scores (sigmoid, as the gate computes them)
+    P_BE = (s_NE / s_NE.sum(-1, keepdim=True)).view(rows, T, E).mean(1)
+    counts_BE = torch.zeros(rows, E, device=idx_Nk.device).scatter_add_(
+        1, idx_Nk.view(rows, T * k), torch.ones(rows, T * k, device=idx_Nk.device))
+    f_BE = counts_BE * (E / (k * T))  # no gradient: selection counts are constants, as in the paper
+    return (f_BE * P_BE).sum()
+
+
+def indexer_kl_sum(index_BTS: torch.Tensor, target_BTS: torch.Tensor, keep_BTS: torch.Tensor) -> torch.Tensor:
+    """Sum over queries of KL(target || softmax(index scores restricted to keep)). target is zero outside keep and
+    sums to 1 over it (main attention probabilities, summed over heads and L1-normalised)."""
+    logq_BTS = index_BTS.masked_fill(~keep_BTS, float("-inf")).log_softmax(-1).masked_fill(~keep_BTS, 0.0)
+    p_BTS = target_BTS.float()
+    return (torch.special.xlogy(p_BTS, p_BTS) - p_BTS * logq_BTS).sum()
+
+
+def topk_recall(dense_BTS: torch.Tensor, index_BTS: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """(sum over queries of the dense attention mass on the indexer's top-k, number of queries), counting only
+    queries that see more than k keys (the others keep everything: recall 1 by construction)."""
+    visible_BTS = torch.isfinite(index_BTS)
+    rows_BT = visible_BTS.sum(-1) > k
+    if not bool(rows_BT.any()):
+        return dense_BTS.new_zeros(()), 0
+    idx_BTK = select_topk(index_BTS.detach(), k)
+    mass_BT = dense_BTS.gather(-1, idx_BTK).sum(-1)  # invisible picks carry zero dense mass
+    return mass_BT[rows_BT].sum(), int(rows_BT.sum())
+
+
+def keep_mask(index_BTS: torch.Tensor, topk_BTK: torch.Tensor | None) -> torch.Tensor:
+    """Keys the main attention kept: all visible ones (dense), or the visible ones among the top-k (sparse)."""
+    visible_BTS = torch.isfinite(index_BTS)
+    if topk_BTK is None:
+        return visible_BTS
+    return visible_BTS & torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
+
+
+def loss_denominators(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, mtp_depth: int) -> dict[str, float]:
+    """Global counts for one optimizer step, from the whole step batch (identical on every rank)."""
+    B, W = tokens_BT1.shape
+    T = W - 1
+    den = {"rows": float(B), "queries": float(B * T)}
+    for d in range(mtp_depth + 1):  # depth 0 = next token; depth d predicts token t + 1 + d
+        n = T - d
+        den[f"labels{d}"] = float(max(1, int((shifted_labels(tokens_BT1, doc_BT1, d + 1, n) != IGNORE).sum())))
+        den[f"queries{d}"] = float(B * n)
+    return den
+
+
+# -- the step's forward -----------------------------------------------------------------------------------------------
+class ForwardLoss(nn.Module):
+    """Wraps a GLM5 for one training stage. forward(tokens, docs, positions, denominators) ->
+    (total loss, {name: normalised loss tensor}, {name: detached statistic})."""
+
+    def __init__(self, model: nn.Module, stage: str = "pretrain", mtp_depth: int = 1, mtp_weight: float = 0.3,
+                 balance_weight: float = 1e-4, indexer_weight: float = 1.0):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if mtp_depth > 0 and not len(model.mtp):
+            raise ValueError(f"mtp_depth={mtp_depth} but the model has no MTP layer (num_nextn_predict_layers = 0)")
+        self.model = model
+        self.stage, self.mtp_depth, self.mtp_weight = stage, mtp_depth, mtp_weight
+        self.balance_weight, self.indexer_weight = balance_weight, indexer_weight
+
+    def _aux(self) -> ForwardAux:
+        dsa = self.stage != "pretrain"
+        return ForwardAux(want_index_scores=dsa, want_attn_probs=dsa, detach_indexer_input=dsa)
+
+    def forward(self, tokens_BT1, doc_BT1, pos_BT1, den: dict, probe_recall: bool = False):
+        if probe_recall:
+            return self.probe_recall(tokens_BT1, doc_BT1, pos_BT1)
+        model, cfg = self.model, self.model.config
+        ids_BT, doc_BT, pos_BT = tokens_BT1[:, :-1], doc_BT1[:, :-1], pos_BT1[:, :-1]
+        B, T = ids_BT.shape
+        auxes = [self._aux()]
+        h_BTD = model.hidden(ids_BT, pos_BT, None, doc_BT, auxes[0])
+        losses = {"lm": ce_sum(model.lm_head(h_BTD), shifted_labels(tokens_BT1, doc_BT1, 1, T)) / den["labels0"]}
+        # MTP: one shared layer applied at every depth (GLM-5 trains 3 depths on one layer's parameters). Depth d
+        # takes the previous depth's hidden at t and token t + d, and predicts token t + d + 1.
+        h_prev = h_BTD
+        mtp = []
+        for d in range(1, self.mtp_depth + 1):
+            n = T - d
+            auxes.append(self._aux())
+            logits, h_prev = model.mtp_step(h_prev[:, :n], tokens_BT1[:, d:d + n], pos_BT[:, :n], 0, None,
+                                            doc_BT[:, :n], auxes[-1])
+            mtp.append(ce_sum(logits, shifted_labels(tokens_BT1, doc_BT1, d + 1, n)) / den[f"labels{d}"])
+        if mtp:
+            losses["mtp"] = torch.stack(mtp).mean()
+
+        bal, loads = [], {}
+        for a in auxes:
+            for layer, (idx_Nk, logits_NE) in a.router.items():
+                bal.append(sequence_balance_sum(idx_Nk, logits_NE, B) / den["rows"])
+                load = torch.bincount(idx_Nk.flatten(), minlength=logits_NE.shape[1]).float()
+                loads[layer] = loads[layer] + load if layer in loads else load  # MTP depths share one layer
+        if bal:
+            losses["balance"] = torch.stack(bal).mean()
+
+        stats = {"loads": loads}
+        if self.stage != "pretrain":
+            kl, rec_sum, rec_n = [], 0.0, 0
+            for depth, a in enumerate(auxes):
+                for layer, index_BTS in a.index_scores.items():
+                    keep_BTS = keep_mask(index_BTS, a.topk.get(layer))
+                    kl.append(indexer_kl_sum(index_BTS, a.attn_probs[layer], keep_BTS) / den[f"queries{depth}"])
+                    if self.stage == "dsa_warmup":  # dense attention: its probs are the recall reference
+                        s, c = topk_recall(a.attn_probs[layer], index_BTS, cfg.index_topk)
+                        rec_sum, rec_n = rec_sum + s, rec_n + c
+            if not kl:
+                raise ValueError("stage needs index scores but no layer produced any (no 'full' indexer layer?)")
+            losses["indexer_kl"] = torch.stack(kl).mean()
+            if self.stage == "dsa_warmup":
+                stats["recall_sum"], stats["recall_n"] = torch.as_tensor(rec_sum, dtype=torch.float32), rec_n
+
+        if self.stage == "dsa_warmup":
+            total = losses["indexer_kl"]
+        else:
+            total = losses["lm"]
+            if "mtp" in losses:
+                total = total + self.mtp_weight * losses["mtp"]
+            if "balance" in losses:
+                total = total + self.balance_weight * losses["balance"]
+            if "indexer_kl" in losses:
+                total = total + self.indexer_weight * losses["indexer_kl"]
+        return total, losses, stats
+
+    @torch.no_grad()
+    def probe_recall(self, tokens_BT1, doc_BT1, pos_BT1):
+        """Dense attention mass recalled by the indexer's top-k, from one extra dense no-grad forward (the sparse
+        stage's own forward only sees the selected keys). Returns (sum over queries, number of queries)."""
+        model = self.model
+        impl, model.impl = model.impl, type(model.impl)(**{**vars(model.impl), "dsa": "off"})
+        try:
+            aux = ForwardAux(want_index_scores=True, want_attn_probs=True)
+            model.hidden(tokens_BT1[:, :-1], pos_BT1[:, :-1], None, doc_BT1[:, :-1], aux)
+        finally:
+            model.impl = impl
+        s, n = torch.zeros(()), 0
+        for layer, index_BTS in aux.index_scores.items():
+            ds, dn = topk_recall(aux.attn_probs[layer], index_BTS, model.config.index_topk)
+            s, n = s + ds, n + dn
+        return s, n

@@ -1,0 +1,227 @@
+"""The training stages on tiny models: overfitting with MTP, aux-loss-free balancing, the DSA warm-up and the sparse
+stage's gradient separation; optimizer groups and LR schedules."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import glm5
+from glm5.train import TrainConfig, train
+from glm5.train.balance import imbalance, moe_layers, update_bias
+from glm5.train.checkpoint import list_checkpoints
+from glm5.train.losses import ForwardLoss, loss_denominators, topk_recall
+from glm5.train.loop import set_stage
+from glm5.train.optim import build_optimizer, lr_factor
+
+from .conftest import perturb
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine an oversubscribed OpenMP
+    barrier makes a tiny step ~10x slower (measured: 20 ms vs 220 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _docs(n_docs, length, vocab=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n_docs)]
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "event" not in line]
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="tiny", out_dir=str(tmp_path / "run"), progress=False, plots=False, save_every=0,
+                warmup_steps=0, schedule="constant")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_overfits_a_fixed_batch_with_mtp(tmp_path):
+    """4 random documents of 33 tokens, repeated every step: next-token loss from ~6.2 (ln 512) to < 0.3 in 30
+    AdamW steps, and the 2-depth MTP loss (one shared layer) falls as far."""
+    docs = _docs(4, 33)  # each fills one row of 32 inputs + 1 label exactly: every batch is the same
+    cfg = _cfg(tmp_path, steps=30, seq_len=32, batch_size=4, lr=1e-2, warmup_steps=5, mtp_depth=2)
+    train(cfg, source=docs)
+    m = _metrics(tmp_path / "run")
+    assert m[0]["lm"] > 5.5 and m[0]["mtp"] > 5.5
+    assert min(r["lm"] for r in m[-5:]) < 0.3, [r["lm"] for r in m]
+    assert min(r["mtp"] for r in m[-5:]) < 0.3, [r["mtp"] for r in m]
+
+
+def test_muon_also_overfits(tmp_path):
+    docs = _docs(4, 33)
+    train(_cfg(tmp_path, steps=25, seq_len=32, batch_size=4, lr=1e-2, warmup_steps=5, mtp_depth=1,
+               optimizer="muon"), source=docs)
+    m = _metrics(tmp_path / "run")
+    assert min(r["lm"] for r in m[-5:]) < 0.3 and min(r["mtp"] for r in m[-5:]) < 0.5
+
+
+def _router_inputs(model, ids):
+    """{layer: the router's input rows [N, D]} for one forward over ids."""
+    seen, hooks = {}, []
+
+    def hook(layer):
+        def keep_first(module, args, out):
+            seen.setdefault(layer, args[0].detach())  # MTP layer: its first (only) depth
+        return keep_first
+
+    for layer, moe in moe_layers(model).items():
+        hooks.append(moe.gate.register_forward_hook(hook(layer)))
+    with torch.no_grad():
+        model.forward_with_mtp(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _skewed(seed=0):
+    """A tiny model whose routers prefer low-numbered experts: along the mean direction of each router's inputs,
+    expert e's logit is raised by 0.5 * (E - e) (so ~4 logits between the first and the last expert)."""
+    model = perturb(glm5.load_model("tiny"), seed=seed)
+    with torch.no_grad():
+        for _, b in model.named_buffers():
+            b.zero_()
+        xs = _router_inputs(model, torch.tensor(_docs(4, 32, seed=9)))
+        for layer, moe in moe_layers(model).items():
+            m_D = xs[layer].mean(0)
+            E = moe.gate.n_experts
+            moe.gate.weight.add_(torch.outer(torch.arange(E, 0, -1).float() * 0.5, m_D / m_D.pow(2).sum()))
+    return model, xs
+
+
+def test_bias_update_balances_a_skewed_router():
+    """The router itself, fed fixed inputs (128 tokens): sign updates of the selection bias drive max/mean load
+    from ~2.7 to ~1.3 (128 tokens x 2 choices over 8 experts cannot balance exactly); the gate weights (the gradient path) are untouched."""
+    model, xs = _skewed()
+    moe = moe_layers(model)[1]
+    x_ND = xs[1]
+    w0 = moe.gate.weight.clone()
+
+    def load():
+        _, idx_Nk, _ = moe.gate(x_ND)
+        return torch.bincount(idx_Nk.flatten(), minlength=moe.gate.n_experts).float()
+
+    before = imbalance(load())
+    trace = []
+    for _ in range(400):
+        trace.append(imbalance(load()))
+        update_bias(model, {1: load()}, speed=0.003)
+    after = sum(trace[-50:]) / 50  # sign updates end in a small oscillation around balance: average it
+    assert before > 2.0, before
+    assert after < 1.4 and after < before / 1.8, (before, after)
+    assert torch.equal(moe.gate.weight, w0)
+
+
+def test_bias_update_through_the_training_loop(tmp_path):
+    """Same through `train` (lr 0, so only the biases move), on the batch the skew was measured on: the logged
+    imbalance of every MoE layer (the MTP layer's included) falls from > 2.2 to well below."""
+    model, _ = _skewed()
+    glm5.save_checkpoint(model, tmp_path / "skewed")
+    train(_cfg(tmp_path, model=str(tmp_path / "skewed"), steps=60, seq_len=31, batch_size=4, lr=0.0,
+               bias_speed=0.006, mtp_depth=1), source=_docs(4, 32, seed=9))
+    m = _metrics(tmp_path / "run")
+    assert sorted(m[0]["imbalance"], key=int) == ["1", "2", "3"]
+    for layer in m[0]["imbalance"]:
+        first = m[0]["imbalance"][layer]
+        last = sum(r["imbalance"][layer] for r in m[-10:]) / 10
+        assert first > 2.2 and last < first / 1.6, (layer, first, last)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_dsa_warmup_trains_only_the_indexers(tmp_path):
+    """Dense warm-up on a perturbed (peaky-attention) model: indexer KL falls, the top-k recall of dense attention
+    mass rises toward the oracle (top-k of the attention itself), and every non-indexer tensor, MoE biases
+    included, is bitwise unchanged."""
+    model = perturb(glm5.load_model("tiny"), seed=1)
+    glm5.save_checkpoint(model, tmp_path / "dense")
+    docs = _docs(4, 49)
+    ids = torch.tensor(docs)[:, :48]
+    aux = glm5.ForwardAux(want_index_scores=True, want_attn_probs=True)
+    model.impl = glm5.Impl(dsa="off")
+    with torch.no_grad():
+        model(ids, aux=aux)
+    oracle = sum(topk_recall(p, torch.where(p > 0, p, -1.0).masked_fill(~torch.isfinite(aux.index_scores[l]),
+                                                                        float("-inf")), 16)[0]
+                 for l, p in aux.attn_probs.items() if l in aux.index_scores) / (3 * 128)
+    train(_cfg(tmp_path, model=str(tmp_path / "dense"), stage="dsa_warmup", steps=25, seq_len=48, batch_size=4,
+               lr=1e-2, mtp_depth=1, save_every=25), source=docs)
+    m = _metrics(tmp_path / "run")
+    assert m[-1]["indexer_kl"] < 0.25 * m[0]["indexer_kl"], [r["indexer_kl"] for r in m]
+    assert m[-1]["recall"] > m[0]["recall"] + 0.1, [r["recall"] for r in m]
+    assert m[-1]["recall"] <= oracle + 1e-6
+    assert len({round(r["lm"], 6) for r in m}) == 1  # the LM never moves
+    after = glm5.load_model(list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "model")
+    before = _state(model)
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(".indexer." in k for k in changed), changed
+    assert any(k.startswith("mtp.") for k in changed)  # the MTP layer's indexer trains too (mtp_depth 1)
+
+
+def test_sparse_stage_gradients_are_separated():
+    """Sparse stage (T=48 > index_topk=16): the LM, MTP and balance losses reach every trainable parameter but no
+    indexer parameter; the indexer KL reaches only indexer parameters."""
+    model = perturb(glm5.load_model("tiny"), seed=3)
+    model.train()
+    set_stage(model, "sparse", 1)
+    net = ForwardLoss(model, "sparse", mtp_depth=1, balance_weight=1e-2)
+    toks = torch.tensor(_docs(2, 49, seed=4))
+    doc, pos = torch.zeros_like(toks), torch.arange(49).expand(2, 49)
+    _, losses, _ = net(toks, doc, pos, loss_denominators(toks, doc, 1))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    lm_side = losses["lm"] + losses["mtp"] + losses["balance"]
+    g_lm = torch.autograd.grad(lm_side, params, retain_graph=True, allow_unused=True)
+    g_kl = torch.autograd.grad(losses["indexer_kl"], params, allow_unused=True)
+    nz = lambda g: g is not None and bool(g.abs().sum() > 0)  # noqa: E731
+    idx = [".indexer." in n for n in names]
+    assert all(not nz(g) for g, i in zip(g_lm, idx) if i)
+    assert all(not nz(g) for g, i in zip(g_kl, idx) if not i)
+    assert all(nz(g) for g, i in zip(g_kl, idx) if i)  # every indexer (3 main layers + MTP) learns from the KL
+    assert sum(nz(g) for g, i in zip(g_lm, idx) if not i) >= 0.9 * sum(not i for i in idx)
+    # Top-k attention was really on: the dense model gives another LM loss.
+    model.impl = glm5.Impl(dsa="off")
+    _, dense, _ = net(toks, doc, pos, loss_denominators(toks, doc, 1))
+    assert abs(float(dense["lm"].detach() - losses["lm"].detach())) > 1e-3
+
+
+def test_optimizer_groups():
+    model = glm5.load_model("tiny")
+    model.train()
+    set_stage(model, "pretrain", 1)
+    opt = build_optimizer(model, "muon", lr=1e-3)
+    muon, adamw = opt.opts
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert all(model.get_parameter(n).ndim == 2 for n in in_muon)
+    assert "model.embed_tokens.weight" not in in_muon and "lm_head.weight" not in in_muon
+    assert "model.layers.0.self_attn.q_a_proj.weight" in in_muon
+    assert not any(".indexer." in n for n in in_muon)  # frozen in pretraining
+    rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert "model.layers.1.mlp.experts.gate_proj" in rest  # 3-D expert stacks: AdamW
+    no_decay = [g for g in adamw.param_groups if g["weight_decay"] == 0][0]
+    assert all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_lr_schedules():
+    total, warm = 100, 10
+    assert lr_factor(0, total, warm) == pytest.approx(0.1) and lr_factor(9, total, warm) == pytest.approx(1.0)
+    assert lr_factor(10, total, warm, "cosine", 0.1) == pytest.approx(1.0)
+    mid = warm + (total - warm) / 2
+    assert lr_factor(int(mid), total, warm, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-12)
+    assert lr_factor(total - 1, total, warm, "cosine", 0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (total - 1 - warm) / (total - warm))))
+    assert lr_factor(50, total, warm, "wsd", 0.0, 0.2) == 1.0 and lr_factor(79, total, warm, "wsd", 0.0, 0.2) == 1.0
+    assert lr_factor(80, total, warm, "wsd", 0.0, 0.2) == pytest.approx(1 - 1 / 20)
+    assert lr_factor(99, total, warm, "wsd", 0.0, 0.2) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, 0, "linear")
