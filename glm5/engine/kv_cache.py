@@ -173,6 +173,7 @@ class BatchView:
             if len(table) * P < ends[b]:
                 raise ValueError(f"row {b}: {len(table)} blocks of {P} slots cannot hold {ends[b]} tokens")
         self.table_BN = torch.tensor([t[:N] + [0] * (N - len(t[:N])) for t in block_tables], device=dev)
+        self.table_flat = self.table_BN.flatten()
         t_T = torch.arange(T, device=dev)
         ctx_B1 = torch.tensor(ctx_lens, device=dev)[:, None]
         new_B1 = torch.tensor(new_lens, device=dev)[:, None]
@@ -211,6 +212,8 @@ class BatchView:
         if not self.all_valid:
             src_MX = src_MX[self.valid_M]
         store_NPX.view(-1, X).index_copy_(0, self.slot_M, src_MX.to(store_NPX.dtype))
-        # [B, N, P, X] -> [B, S, X]: a copy of every slot of every row. The model takes its top-k rows from this;
-        # a cache method that gathers only those rows would make decode flat in S (see the engine's notes).
-        return store_NPX[self.table_BN].view(self.B, self.N * self.cache.block_size, X)[:, : self.S]
+        # [B, N, P, X] -> [B, S, X]: a copy of every slot of every row (index_select: one memcpy per block, ~1.3x
+        # faster than advanced indexing here). The model takes only its top-k rows from this in decode; a cache
+        # method gathering just those would make decode flat in S (see the engine's notes).
+        rows = store_NPX.view(store_NPX.shape[0], -1).index_select(0, self.table_flat)
+        return rows.view(self.B, self.N * self.cache.block_size, X)[:, : self.S]

@@ -104,38 +104,45 @@ def make_generator(seed: int, device) -> torch.Generator:
 def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[list[int]]) -> Sampled:
     """Draw one token per row. outputs[b] = the row's generated tokens so far (penalties and min_tokens)."""
     B, V = logits_BV.shape
-    raw_BV = logits_BV.float().log_softmax(-1)  # fp32: these log-probs feed RL importance ratios
-    x_BV = logits_BV.float().clone()
+    dev = logits_BV.device
+    logits_BV = logits_BV.float()  # fp32: these log-probs feed RL importance ratios
+    lse_B1 = logits_BV.logsumexp(-1, keepdim=True)  # raw log-probs = logits - lse, never materialised [B, V]
+    x_BV = logits_BV
     for b, (st, out) in enumerate(zip(states, outputs)):
         p = st.params
-        if len(out) < p.min_tokens and st.min_tokens_mask:
-            x_BV[b, torch.tensor(st.min_tokens_mask, device=x_BV.device)] = float("-inf")
-        if (p.presence_penalty or p.frequency_penalty) and out:
-            count_V = torch.bincount(torch.tensor(out, device=x_BV.device), minlength=V)[:V].float()
+        masked = len(out) < p.min_tokens and st.min_tokens_mask
+        penalised = (p.presence_penalty or p.frequency_penalty) and out
+        if (masked or penalised) and x_BV is logits_BV:
+            x_BV = logits_BV.clone()
+        if masked:
+            x_BV[b, torch.tensor(st.min_tokens_mask, device=dev)] = float("-inf")
+        if penalised:
+            count_V = torch.bincount(torch.tensor(out, device=dev), minlength=V)[:V].float()
             x_BV[b] -= p.frequency_penalty * count_V + p.presence_penalty * (count_V > 0).float()
 
-    greedy_B = torch.tensor([st.params.greedy for st in states], device=x_BV.device)
-    temp_B1 = torch.tensor([st.params.temperature or 1.0 for st in states], device=x_BV.device)[:, None]
-    x_BV = torch.where(greedy_B[:, None], x_BV, x_BV / temp_B1)
-    x_BV = _filter(x_BV, states)
-    lp_BV = x_BV.log_softmax(-1)
-
-    # Exponential race (= Gumbel max): argmax p / E with E ~ Exp(1) drawn from the row's own generator.
-    noise_BV = torch.ones_like(x_BV)
-    for b, st in enumerate(states):
-        if not st.params.greedy:
-            noise_BV[b].exponential_(generator=st.generator)
-    # E == 0 would give +inf and turn a dropped token's -inf into NaN, which argmax prefers: clamp it away.
-    race_BV = torch.where(greedy_B[:, None], x_BV, lp_BV - noise_BV.clamp_min(torch.finfo(torch.float32).tiny).log())
-    tok_B = race_BV.argmax(-1)
-    samp_B = torch.where(greedy_B, torch.zeros_like(tok_B, dtype=torch.float32), lp_BV.gather(1, tok_B[:, None])[:, 0])
-    raw_B = raw_BV.gather(1, tok_B[:, None])[:, 0]
+    tok_B = x_BV.argmax(-1)  # greedy rows; sampled rows are overwritten below
+    samp_B = torch.zeros(B, device=dev)  # greedy draws from a point mass: log 1
+    rows = [b for b, st in enumerate(states) if not st.params.greedy]
+    if rows:
+        r_R = torch.tensor(rows, device=dev)
+        sub = [states[b] for b in rows]
+        temp_R1 = torch.tensor([st.params.temperature for st in sub], device=dev)[:, None]
+        lp_RV = _filter(x_BV[r_R] / temp_R1, sub).log_softmax(-1)
+        # Exponential race (= Gumbel max): argmax p / E, E ~ Exp(1) from the row's own generator. E == 0 would
+        # give +inf and turn a dropped token's -inf into NaN, which argmax prefers: clamp it away.
+        noise_RV = torch.empty_like(lp_RV)
+        for i, st in enumerate(sub):
+            noise_RV[i].exponential_(generator=st.generator)
+        tok_R = (lp_RV - noise_RV.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax(-1)
+        tok_B[r_R] = tok_R
+        samp_B[r_R] = lp_RV.gather(1, tok_R[:, None])[:, 0]
+    raw_B = (logits_BV.gather(1, tok_B[:, None]) - lse_B1)[:, 0]
 
     k = max(st.params.top_logprobs for st in states)
     tops: list = [None] * B
     if k:
-        val_BK, idx_BK = raw_BV.topk(min(k, V), dim=-1)
-        val, idx = val_BK.tolist(), idx_BK.tolist()
+        val_BK, idx_BK = logits_BV.topk(min(k, V), dim=-1)
+        val, idx = (val_BK - lse_B1).tolist(), idx_BK.tolist()
         for b, st in enumerate(states):
             kb = st.params.top_logprobs
             if kb:
@@ -144,12 +151,11 @@ def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[lis
 
 
 def _filter(x_BV: torch.Tensor, states: list[SeqSampling]) -> torch.Tensor:
-    """min_p, top_k, top_p on tempered logits; dropped tokens get -inf. Rows that need none are untouched."""
+    """min_p, top_k, top_p on tempered logits (sampled rows only); dropped tokens get -inf."""
     dev = x_BV.device
-    sampled = [not st.params.greedy for st in states]
-    min_p_B = torch.tensor([st.params.min_p if s else 0.0 for st, s in zip(states, sampled)], device=dev)
-    top_k_B = torch.tensor([st.params.top_k if s and st.params.top_k > 0 else 0 for st, s in zip(states, sampled)], device=dev)
-    top_p_B = torch.tensor([st.params.top_p if s else 1.0 for st, s in zip(states, sampled)], device=dev)
+    min_p_B = torch.tensor([st.params.min_p for st in states], device=dev)
+    top_k_B = torch.tensor([max(st.params.top_k, 0) for st in states], device=dev)
+    top_p_B = torch.tensor([st.params.top_p for st in states], device=dev)
     if bool((min_p_B > 0).any()):
         p_BV = x_BV.softmax(-1)
         x_BV = x_BV.masked_fill(p_BV < min_p_B[:, None] * p_BV.max(-1, keepdim=True).values, float("-inf"))
