@@ -1,0 +1,232 @@
+"""The FastAPI app: routes, OpenAI-style errors for every 4xx/5xx, API key, body limit, HTTP metrics, lifespan.
+
+    app = create_app("small")                     # a preset, a checkpoint dir, None (the default model)
+    app = create_app(engine, tokenizer=tok)       # or an Engine you built (tests pass a scripted stand-in)
+
+The engine thread starts with the app (lifespan startup) and stops after uvicorn has drained: on SIGTERM uvicorn
+stops accepting connections, lets in-flight responses (streams included) finish, then runs the lifespan shutdown.
+
+Request bodies are read and parsed here rather than by FastAPI's body binding, so every failure (malformed JSON,
+a wrong Content-Type, a field out of range) gets one OpenAI-style 400 with the field named in `param`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse
+
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .runs import Limits, ServerState
+from .serving import chat_completions, completions
+
+log = logging.getLogger("glm5.server")
+
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds this server's limit of {limit} bytes")
+
+
+def _error_response(status: int, message: str, *, param=None, code=None, headers=None) -> JSONResponse:
+    e = APIError(status, message, param=param, code=code, headers=headers)
+    return JSONResponse(e.body(), status_code=status, headers=headers)
+
+
+class _Gate:
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams): counts requests by route and status, refuses
+    bodies over the limit (413, by Content-Length up front or while reading a chunked body), checks the API key."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        st = self.state
+        path, method = scope["path"], scope["method"]
+        route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        status = [500]
+
+        async def send_counted(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            await self._gated(scope, receive, send_counted, path)
+        finally:
+            st.metrics.count_http(method, route, status[0])
+
+    async def _gated(self, scope, receive, send, path):
+        st, limit = self.state, self.state.limits.max_body_bytes
+        headers = dict(scope["headers"])
+        if st.api_key is not None and path.startswith("/v1"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), st.api_key.encode()):
+                resp = _error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            return await _error_response(413, str(_BodyTooLarge(limit).detail), code="body_too_large")(
+                scope, receive, send)
+        seen = [0]
+
+        async def receive_limited():
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen[0] += len(msg.get("body", b""))
+                if seen[0] > limit:
+                    raise _BodyTooLarge(limit)
+            return msg
+
+        await self.app(scope, receive_limited, send)
+
+
+# Union-typed fields: pydantic reports one error per alternative; one plain sentence reads better.
+_UNION_HINTS = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "tool_choice": '"none", "auto", "required", or {"type": "function", "function": {"name": ...}}',
+}
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    parts, fields = [], []
+    for e in errors:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = loc[0] if loc else None
+        if field in fields and field in _UNION_HINTS:
+            continue
+        fields.append(field)
+        if field in _UNION_HINTS:
+            parts.append(f"{field}: expected {_UNION_HINTS[field]}")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+    more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
+    return "; ".join(parts[:3]) + more, fields[0] if fields else None
+
+
+async def _parse(request: Request, cls: type[BaseModel]):
+    raw = await request.body()
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        msg, param = _validation_message(e.errors(include_url=False))
+        raise APIError(400, msg, param=param, code="invalid_value") from None
+
+
+def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None = None, api_key: str | None = None,
+               limits: Limits | None = None, cache_bytes: int | None = None, max_num_seqs: int = 64,
+               max_num_batched_tokens: int = 2048, device: str = "cpu", tokenizer_dir: str | Path | None = None
+               ) -> FastAPI:
+    """engine_or_model: an Engine (or any object with its add_request / step / abort / has_unfinished / stats /
+    max_model_len), a GLM5 model, a preset name, a checkpoint directory, or None for the default model (see
+    glm5.server.launch.load_for_serving). tokenizer: needed with an Engine or a model (default: the shipped one)."""
+    from .launch import build_engine, load_for_serving
+
+    if hasattr(engine_or_model, "add_request"):
+        engine = engine_or_model
+        tok = tokenizer if tokenizer is not None else _default_tokenizer()
+        name = model_name or "glm5"
+    else:
+        if engine_or_model is None or isinstance(engine_or_model, (str, Path)):
+            loaded = load_for_serving(engine_or_model, tokenizer_dir=tokenizer_dir, device=device)
+            model, tok, name = loaded.model, loaded.tokenizer, model_name or loaded.name
+        else:
+            model, tok = engine_or_model, tokenizer if tokenizer is not None else _default_tokenizer()
+            name = model_name or "glm5"
+        engine = build_engine(model, tok, cache_bytes=cache_bytes, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens)
+    state = ServerState(engine, tok, name, limits or Limits(), api_key)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.worker.start()
+        yield
+        state.worker.stop()
+
+    app = FastAPI(title="glm5", lifespan=lifespan)
+    app.state.glm5 = state
+    app.add_middleware(_Gate, state=state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        msg = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        code = "body_too_large" if isinstance(e, _BodyTooLarge) else None
+        return _error_response(e.status_code, msg, code=code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        msg, param = _validation_message(list(e.errors()))
+        return _error_response(400, msg, param=param, code="invalid_value")
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_response(500, f"internal server error: {type(e).__name__}: {e}", code="internal_error")
+
+    @app.get("/health")
+    async def health():
+        if not state.worker.alive:
+            return _error_response(503, "the engine thread is not running", code="engine_down")
+        return {"status": "ok", "model": state.model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(state.worker.stats, state.worker),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def card() -> ModelCard:
+        return ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
+
+    @app.get("/v1/models")
+    async def models():
+        return ModelList(data=[card()]).dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        state.check_model(model_id)
+        return card().dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await chat_completions(state, await _parse(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        return await completions(state, await _parse(request, CompletionRequest), request)
+
+    return app
+
+
+def _default_tokenizer():
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.default()

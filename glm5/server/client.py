@@ -1,0 +1,155 @@
+"""Chat and completion backends for the terminal commands (`glm5 chat`, `glm5 generate`): the same streamed deltas
+from a model run in this process (`LocalBackend`: the engine driven directly, no HTTP) or from a server
+(`RemoteBackend`: the OpenAI API over plain urllib, so the client side needs no extra package).
+
+Both yield chat deltas as the server streams them: {"reasoning_content": s} | {"content": s} | {"tool_calls": [...]},
+and plain text pieces for raw completions; `last_finish_reason` / `last_usage` describe the last call.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+from ..chat import render_chat
+from ..chat_parse import StreamingParser
+from ..engine import SamplingParams
+from .outputs import SampleText
+
+
+class LocalBackend:
+    def __init__(self, engine, tokenizer):
+        self.engine, self.tok = engine, tokenizer
+        self.last_finish_reason: str | None = None
+        self.last_usage: dict | None = None
+
+    def _params(self, max_tokens, temperature, top_p, seed, stop) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []),
+                              max_tokens=max_tokens or None)
+
+    def _run(self, prompt: list[int], params: SamplingParams, on_text) -> Iterator:
+        eng = self.engine
+        room = eng.max_model_len - len(prompt)
+        if params.max_tokens is not None and room >= 1:
+            params.max_tokens = min(params.max_tokens, room)  # a long chat ends at the context, not in an error
+        rid = eng.add_request(prompt, params)
+        sample = SampleText(self.tok, params.stop)
+        try:
+            while not sample.finished:
+                for o in eng.step():
+                    if o.request_id != rid:
+                        continue
+                    text, _ = sample.push(o)
+                    yield from on_text(text, o.finished)
+        finally:
+            if not sample.finished:  # interrupted (Ctrl-C, generator closed): free the cache now
+                eng.abort(rid)
+                while eng.has_unfinished():
+                    eng.step()
+        self.last_finish_reason = sample.finish_reason
+        self.last_usage = {"prompt_tokens": len(prompt), "completion_tokens": sample.num_generated}
+
+    def chat(self, messages: list[dict], *, thinking: bool = True, max_tokens: int | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, tools=None) -> Iterator[dict]:
+        r = render_chat(self.tok, messages, tools, enable_thinking=thinking)
+        parser = StreamingParser(thinking=r.thinking, tools=tools, parse_tools=bool(tools))
+
+        def on_text(text, finished):
+            out = parser.feed(text) if text else []
+            return out + (parser.finish() if finished else [])
+
+        yield from self._run(r.ids, self._params(max_tokens, temperature, top_p, seed, None), on_text)
+
+    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None, stop=None) -> Iterator[str]:
+        ids = self.tok.encode(prompt, allow_special=True)
+        yield from self._run(ids, self._params(max_tokens, temperature, top_p, seed, stop),
+                             lambda text, finished: [text] if text else [])
+
+
+class RemoteError(RuntimeError):
+    pass
+
+
+class RemoteBackend:
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600.0):
+        self.base = url.rstrip("/")
+        if not self.base.endswith("/v1"):
+            self.base += "/v1"
+        self.api_key, self.timeout = api_key, timeout
+        self.model = model or self._get("/models")["data"][0]["id"]
+        self.last_finish_reason: str | None = None
+        self.last_usage: dict | None = None
+
+    def _request(self, path: str, body: dict | None = None):
+        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, headers=headers)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read())["error"]["message"]
+            except Exception:
+                msg = e.reason
+            raise RemoteError(f"{self.base}{path}: HTTP {e.code}: {msg}") from None
+        except urllib.error.URLError as e:
+            raise RemoteError(f"{self.base}{path}: cannot connect ({e.reason})") from None
+
+    def _get(self, path: str) -> dict:
+        with self._request(path) as resp:
+            return json.loads(resp.read())
+
+    def _events(self, path: str, body: dict) -> Iterator[dict]:
+        body = dict(body, model=self.model, stream=True, stream_options={"include_usage": True})
+        with self._request(path, body) as resp:
+            for raw in resp:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                ev = json.loads(data)
+                if "error" in ev:
+                    raise RemoteError(ev["error"].get("message", str(ev["error"])))
+                if ev.get("usage"):
+                    self.last_usage = ev["usage"]
+                for ch in ev.get("choices", ()):
+                    if ch.get("finish_reason"):
+                        self.last_finish_reason = ch["finish_reason"]
+                    yield ch
+
+    @staticmethod
+    def _sampling(max_tokens, temperature, top_p, seed) -> dict:
+        body = {"temperature": temperature, "top_p": top_p}
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def chat(self, messages: list[dict], *, thinking: bool = True, max_tokens: int | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, tools=None) -> Iterator[dict]:
+        body = {"messages": messages, "chat_template_kwargs": {"enable_thinking": thinking},
+                **self._sampling(max_tokens, temperature, top_p, seed)}
+        if tools:
+            body["tools"] = tools
+        for ch in self._events("/chat/completions", body):
+            d = ch.get("delta") or {}
+            for k in ("reasoning_content", "content", "tool_calls"):
+                if d.get(k):
+                    yield {k: d[k]}
+
+    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None, stop=None) -> Iterator[str]:
+        body = {"prompt": prompt, **self._sampling(max_tokens, temperature, top_p, seed)}
+        if stop:
+            body["stop"] = list(stop)
+        for ch in self._events("/completions", body):
+            if ch.get("text"):
+                yield ch["text"]

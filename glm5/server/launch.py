@@ -1,0 +1,137 @@
+"""Which model to serve, the engine around it, and running uvicorn (in the foreground, or in a thread for tests
+and benchmarks).
+
+Default model (no --model): the model shipped inside the package (glm5/assets/model/, produced by the training
+work) when it exists; until then the `small` preset with random weights and the shipped tokenizer's vocabulary, with
+a banner saying that it is untrained.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PRESETS, ConfigError
+from ..tokenizer import Tokenizer
+
+log = logging.getLogger("glm5.server")
+
+ASSET_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "model"
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: Tokenizer
+    name: str
+    untrained: bool
+    source: str
+
+    def banner(self) -> str:
+        if not self.untrained:
+            return f"glm5: serving {self.name} from {self.source}"
+        line = "=" * 78
+        return (f"{line}\n  UNTRAINED MODEL: {self.source} with random weights. Its output is noise.\n"
+                f"  It exercises the engine, server and chat format end to end; for real answers pass\n"
+                f"  --model DIR (a trained checkpoint with tokenizer.json).\n{line}")
+
+
+def load_for_serving(spec: str | Path | None = None, *, tokenizer_dir: str | Path | None = None, device="cpu",
+                     dtype=None, seed: int = 0) -> Loaded:
+    """spec: None (the default model), a preset (tiny, small: random weights, vocabulary resized to the tokenizer),
+    or a checkpoint directory (its tokenizer.json, or tokenizer_dir)."""
+    from ..api import load_model
+
+    if spec is None:
+        if (ASSET_MODEL_DIR / "config.json").is_file():
+            spec = ASSET_MODEL_DIR
+        else:
+            spec = "small"
+    if isinstance(spec, str) and spec in PRESETS:
+        if spec == "glm5":
+            raise ConfigError("preset 'glm5' is the full 744B-parameter model: random weights of that size cannot be "
+                              "served here; pass a checkpoint directory (--model DIR) or a small preset (tiny, small)")
+        tok = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else Tokenizer.default()
+        cfg = PRESETS[spec]().replace(vocab_size=tok.vocab_size)
+        model = load_model(cfg, dtype=dtype, device=device, seed=seed)
+        return Loaded(model, tok, f"glm5-{spec}-untrained", True, f"the '{spec}' preset")
+    p = Path(spec)
+    if not p.is_dir():
+        raise ConfigError(f"--model {spec!r}: neither a preset ({', '.join(k for k in PRESETS if k != 'glm5')}) "
+                          f"nor a checkpoint directory")
+    tdir = Path(tokenizer_dir) if tokenizer_dir else p
+    if not (tdir / "tokenizer.json").is_file():
+        if p.resolve() == ASSET_MODEL_DIR and tokenizer_dir is None:
+            tdir = None  # the shipped model uses the shipped tokenizer
+        else:
+            raise ConfigError(f"{tdir}: no tokenizer.json; pass --tokenizer DIR")
+    tok = Tokenizer.from_dir(tdir) if tdir is not None else Tokenizer.default()
+    model = load_model(p, dtype=dtype, device=device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model's vocab_size is "
+                          f"{model.config.vocab_size}: they do not belong together")
+    name = "glm5" if p.resolve() == ASSET_MODEL_DIR else p.resolve().name
+    return Loaded(model, tok, name, False, str(p))
+
+
+def build_engine(model, tok: Tokenizer, *, cache_bytes: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, seed: int = 0):
+    """The engine as the server runs it: stops on the tokenizer's turn-end tokens, and can match stop strings."""
+    from ..engine import Engine
+
+    return Engine(model, cache_bytes=cache_bytes, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=tok.eos_ids, detokenize=tok.decode,
+                  seed=seed)
+
+
+def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                   drain_timeout: float | None = 60.0):
+    import uvicorn
+
+    # timeout_graceful_shutdown: how long SIGTERM waits for in-flight requests before cancelling them.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
+                          access_log=log_level == "debug", lifespan="on")
+
+
+class BackgroundServer:
+    """uvicorn on a free 127.0.0.1 port in a daemon thread (tests, benchmarks, `glm5 chat` in-process)."""
+
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn_config(app, host=host, port=self.port, log_level=log_level,
+                                                    drain_timeout=5.0))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="glm5-uvicorn")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,180 @@
+"""One HTTP request's life in the engine: admission (queue bound → 429), sampling parameters and limits (→ 400),
+submission through the worker, the stream of outputs, abort on every early exit, and its latency metrics.
+
+`Run` is an async context manager: leaving it for any reason (finished, client gone, error, cancellation) aborts
+whatever of it the engine still runs, so a vanished client never holds cache blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..engine import RequestError, SamplingParams, StepOutput
+from .metrics import Metrics
+from .protocol import APIError
+from .worker import EngineFailure, EngineWorker
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 8 << 20
+    max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
+    max_queue: int = 256  # requests accepted beyond the engine's running batch; more → 429
+    retry_after_s: int = 1
+
+
+class ServerState:
+    """What the handlers share: engine thread, tokenizer, limits, metrics, the served name."""
+
+    def __init__(self, engine, tokenizer, model_name: str, limits: Limits, api_key: str | None):
+        self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.limits, self.api_key = limits, api_key
+        self.worker = EngineWorker(engine)
+        self.metrics = Metrics(model_name)
+        self.created = int(time.time())
+        sched = getattr(engine, "scheduler", None)
+        self.max_running = getattr(sched, "max_num_seqs", 0)
+        self.max_in_flight = self.max_running + limits.max_queue
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_model(self, name: str | None):
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}` "
+                                f"(see /v1/models).", param="model", code="model_not_found")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sampling_params(state: ServerState, req, *, prompt_len: int, max_tokens: int | None,
+                    top_logprobs: int) -> SamplingParams:
+    """OpenAI / vLLM request fields → SamplingParams, with the server's limits checked (400 on violation)."""
+    ctx = state.max_model_len
+    if prompt_len >= ctx:
+        raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your prompt has "
+                            f"{prompt_len} tokens, which leaves no room to generate. Please shorten the prompt.",
+                       param="messages" if hasattr(req, "messages") else "prompt", code="context_length_exceeded")
+    cap = state.limits.max_tokens
+    if max_tokens is not None:
+        if cap is not None and max_tokens > cap:
+            raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of {cap}",
+                           param="max_tokens", code="max_tokens_exceeded")
+        if prompt_len + max_tokens > ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                                f"completion). Please reduce the prompt or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+    elif cap is not None:
+        max_tokens = min(cap, ctx - prompt_len)
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            seed=None if req.seed is None else req.seed % (1 << 62),  # the engine adds the sample index to it
+            max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0, top_logprobs=top_logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+class Run:
+    """The engine requests behind one HTTP request (one per prompt; each with n samples), sharing one sink."""
+
+    def __init__(self, state: ServerState, prompts: list[list[int]], params: SamplingParams, http_id: str):
+        self.state, self.prompts, self.params = state, prompts, params
+        self.rids = [f"{http_id}-{i}" for i in range(len(prompts))]
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.t0 = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._last: dict[tuple[str, int], float] = {}
+        self._submitted: list[str] = []
+        self._open: set[tuple[str, int]] = set()  # samples not finished
+        self.finish_reason: str | None = None
+        self.completed = False
+        self._admitted = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    async def __aenter__(self) -> Run:
+        st, m = self.state, self.state.metrics
+        if m.in_flight >= st.max_in_flight:
+            m.rejected_queue_full += 1
+            raise APIError(429, f"The server is at capacity ({m.in_flight} requests in flight, limit "
+                                f"{st.max_in_flight}); retry after {st.limits.retry_after_s} s.",
+                           code="queue_full", headers={"Retry-After": str(st.limits.retry_after_s)})
+        m.in_flight += 1
+        self._admitted = True
+        try:
+            for rid, prompt in zip(self.rids, self.prompts):
+                self._submitted.append(rid)
+                self._open.update((rid, i) for i in range(self.params.n))
+                await st.worker.add(prompt, self.params, rid, self.queue)
+        except (RequestError, ValueError) as e:
+            await self.__aexit__(None, None, None)
+            raise APIError(400, str(e), param="prompt" if len(self.prompts) > 1 else None) from None
+        except EngineFailure as e:
+            await self.__aexit__(None, None, None)
+            raise APIError(503, str(e), code="engine_down") from None
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        """Idempotent: abort what still runs, release the admission slot, record latency."""
+
+        if not self._admitted:
+            return
+        self._admitted = False
+        for rid in self._submitted:
+            if any(r == rid for r, _ in self._open):
+                self.state.worker.abort(rid)
+        m = self.state.metrics
+        m.in_flight -= 1
+        if self.completed:
+            m.e2e.observe(time.perf_counter() - self.t0)
+            m.prompt_tokens += self.num_prompt_tokens
+
+    async def outputs(self) -> AsyncIterator[list[StepOutput]]:
+        """Each step's outputs for this run, until every sample finished."""
+        m = self.state.metrics
+        while self._open:
+            item = await self.queue.get()
+            if isinstance(item, EngineFailure):
+                raise APIError(500, str(item), code="engine_failure")
+            now = time.perf_counter()
+            for o in item:
+                key = (o.request_id, o.index)
+                if o.new_token_ids:
+                    m.generation_tokens += len(o.new_token_ids)
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                        m.ttft.observe(now - self.t0)
+                    if key in self._last:
+                        m.itl.observe(now - self._last[key])
+                    self._last[key] = now
+                if o.finished:
+                    self._open.discard(key)
+                    if self.finish_reason is None:
+                        self.finish_reason = o.finish_reason
+            yield item
+        self.completed = True
+        m.count_finish(self.finish_reason)

@@ -1,0 +1,337 @@
+"""The two generation endpoints: /v1/chat/completions and /v1/completions, whole or streamed (SSE).
+
+Chat specifics (decisions, each documented for clients in the README's server section):
+- `tool_choice`: "auto" (default with tools) parses tool calls; "none" leaves the tools out of the prompt and parses
+  nothing; "required" renders and parses as "auto" (not enforced: no constrained decoding); a named function must be
+  one of `tools` (400 otherwise) and is forced: the prompt ends with `[</think>]<tool_call>NAME`, so the model writes
+  that call's arguments (reasoning is skipped, as OpenAI's forced calls do).
+- `response_format`: "json_object" is validated, not enforced. As OpenAI requires, a message must mention JSON
+  (that is the instruction; 400 otherwise); the answer's content must then parse as JSON, else the request fails
+  with 500 `invalid_json_output` (streamed: an error event before [DONE]). "json_schema" is refused (400).
+- `chat_template_kwargs`: `enable_thinking` (default true), `clear_thinking`, others go to a checkpoint's Jinja
+  template. Reasoning comes back as `reasoning_content` (message and deltas).
+- Log-probs cover every shown token (reasoning included), the token that ended the sample excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..chat import ChatFormatError, render_chat
+from ..chat_parse import StreamingParser
+from .outputs import SampleText, TokenInfo, token_text
+from .protocol import (
+    APIError,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    FunctionCall,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+    Usage,
+)
+from .runs import Run, ServerState, new_id, sampling_params
+from .sse import SSEResponse, sse, until_disconnected
+
+
+# ------------------------------------------------------------------------------------------------------------ chat
+class _ChatSample:
+    def __init__(self, state: ServerState, stop, thinking: bool, tools, parse_tools: bool, prefix: str):
+        self.text = SampleText(state.tok, stop)
+        self.parser = StreamingParser(thinking=thinking, tools=tools, parse_tools=parse_tools)
+        if prefix:  # the forced "</think><tool_call>NAME": parsed as if generated; it yields no delta itself
+            self.parser.feed(prefix)
+
+    def push(self, out) -> tuple[list[dict], list[TokenInfo]]:
+        text, toks = self.text.push(out)
+        deltas = self.parser.feed(text) if text else []
+        if out.finished:
+            deltas += self.parser.finish()
+        return deltas, toks
+
+    @property
+    def finish_reason(self) -> str | None:
+        r = self.text.finish_reason
+        return "tool_calls" if r == "stop" and self.parser.tool_calls else r
+
+
+def _chat_logprobs(state: ServerState, toks: list[TokenInfo]) -> ChatLogprobs:
+    def one(tid, lp):
+        s, b = token_text(state.tok, tid)
+        return s, lp, b
+    content = []
+    for t in toks:
+        s, lp, b = one(t.token_id, t.logprob)
+        tops = [TopLogprob(token=ts, logprob=tl, bytes=tb) for ts, tl, tb in (one(i, v) for i, v in t.top or ())]
+        content.append(TokenLogprob(token=s, logprob=lp, bytes=b, top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+def _tool_setup(req: ChatCompletionRequest):
+    """→ (tools for the prompt, parse tool calls?, forced function name or None)."""
+    tools, choice = req.tools or None, req.tool_choice
+    names = [(t.get("function") or {}).get("name") for t in tools or ()]
+    if choice is not None and choice != "none" and not tools:
+        raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'function'!r} needs `tools`",
+                       param="tool_choice")
+    if choice == "none":
+        return None, False, None
+    if choice is not None and not isinstance(choice, str):
+        if choice.function.name not in names:
+            raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not among the "
+                                f"tools ({', '.join(map(str, names))})", param="tool_choice")
+        return tools, True, choice.function.name
+    return tools, bool(tools), None
+
+
+def _json_mode(req: ChatCompletionRequest) -> bool:
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return False
+    if rf.type == "json_schema":
+        raise APIError(400, "response_format json_schema is not supported (no constrained decoding here); use "
+                            "{\"type\": \"json_object\"}", param="response_format")
+    if "json" not in json.dumps(req.messages, ensure_ascii=False).lower():
+        raise APIError(400, "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                            "'json_object'", param="messages")
+    return True
+
+
+def _check_json(samples: list[_ChatSample]):
+    for i, s in enumerate(samples):
+        content = s.parser.result().content
+        try:
+            json.loads(content or "")
+        except ValueError:
+            raise APIError(500, f"choice {i}: the model's answer is not valid JSON (response_format json_object is "
+                                f"validated, not enforced); retry, or lower the temperature",
+                           code="invalid_json_output") from None
+
+
+async def chat_completions(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
+    state.check_model(req.model)
+    tools, parse_tools, forced = _tool_setup(req)
+    json_mode = _json_mode(req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    kw = dict(req.chat_template_kwargs or {})
+    thinking, clear = kw.pop("enable_thinking", True), kw.pop("clear_thinking", None)
+    if not isinstance(thinking, bool) or not (clear is None or isinstance(clear, bool)):
+        raise APIError(400, "chat_template_kwargs enable_thinking / clear_thinking must be booleans",
+                       param="chat_template_kwargs")
+    tok = state.tok
+    try:
+        r = render_chat(tok, req.messages, tools, enable_thinking=thinking, clear_thinking=clear, template_kwargs=kw)
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="messages") from None
+    prompt, prefix = list(r.ids), ""
+    if forced:
+        specials = (["</think>"] if r.thinking else []) + ["<tool_call>"]
+        prompt += [tok.token_id(s) for s in specials] + tok.encode(forced)
+        prefix = "".join(specials) + forced
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    params = sampling_params(state, req, prompt_len=len(prompt), max_tokens=max_tokens,
+                             top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0)
+    stop = params.stop
+    samples = [_ChatSample(state, stop, r.thinking, tools, parse_tools, prefix) for _ in range(params.n)]
+    rid, created = new_id("chatcmpl"), int(time.time())
+    run = Run(state, [prompt], params, rid)
+    await run.__aenter__()
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return SSEResponse(_chat_stream(state, req, run, samples, rid, created, usage, json_mode), run.close)
+    try:
+        done = await until_disconnected(request, _drain(run, samples))
+    finally:
+        run.close()
+    if not done:
+        return Response(status_code=499)  # nobody reads it
+    if json_mode:
+        _check_json(samples)
+    choices = []
+    for i, s in enumerate(samples):
+        res = s.parser.result()
+        calls = [ToolCall(id=c["id"], type="function", function=FunctionCall(**c["function"]))
+                 for c in res.tool_calls] or None
+        msg = ChatMessage(role="assistant", content=res.content, reasoning_content=res.reasoning_content,
+                          **({"tool_calls": calls} if calls else {}))
+        choices.append(ChatChoice(index=i, message=msg, finish_reason=s.finish_reason,
+                                  logprobs=_chat_logprobs(state, s.text.tokens) if req.logprobs else None))
+    out = ChatCompletion(id=rid, created=created, model=state.model_name, choices=choices,
+                         usage=_usage(run, samples))
+    return JSONResponse(out.dump())
+
+
+async def _drain(run: Run, samples) -> bool:
+    async for outs in run.outputs():
+        for o in outs:
+            samples[o.index].push(o)
+    return True
+
+
+def _usage(run: Run, samples) -> Usage:
+    gen = sum(s.text.num_generated for s in samples)
+    return Usage(prompt_tokens=run.num_prompt_tokens, completion_tokens=gen, total_tokens=run.num_prompt_tokens + gen)
+
+
+async def _chat_stream(state, req, run: Run, samples, rid, created, include_usage, json_mode):
+    extra = {"usage": None} if include_usage else {}  # OpenAI: with include_usage every chunk has the key
+
+    def chunk(i, delta: ChatDelta, finish=None, logprobs=None):
+        c = ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish)
+        ch = ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=[c], **extra)
+        return sse(ch.dump_json())
+
+    try:
+        for i in range(len(samples)):
+            yield chunk(i, ChatDelta(role="assistant", content=""))
+        async for outs in run.outputs():
+            for o in outs:
+                s = samples[o.index]
+                deltas, toks = s.push(o)
+                lp = _chat_logprobs(state, toks) if req.logprobs and toks else None
+                for d in deltas:
+                    yield chunk(o.index, _delta(d), logprobs=lp)
+                    lp = None
+                if lp is not None:
+                    yield chunk(o.index, ChatDelta(), logprobs=lp)
+                if o.finished:
+                    if json_mode:
+                        _check_json([s])
+                    yield chunk(o.index, ChatDelta(), finish=s.finish_reason)
+        if include_usage:
+            yield sse(ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=[],
+                                          usage=_usage(run, samples)).dump_json())
+    except APIError as e:
+        yield sse(json.dumps(e.body()))
+    yield sse("[DONE]")
+
+
+def _delta(d: dict) -> ChatDelta:
+    if "tool_calls" in d:
+        return ChatDelta(tool_calls=[ToolCall(index=c["index"], id=c["id"], type="function",
+                                              function=FunctionCall(**c["function"])) for c in d["tool_calls"]])
+    return ChatDelta(**d)
+
+
+# ----------------------------------------------------------------------------------------------------- completions
+def _prompts(state: ServerState, p) -> list[list[int]]:
+    if isinstance(p, str):
+        p = [p]
+    if not p:
+        raise APIError(400, "prompt is empty", param="prompt")
+    if isinstance(p[0], int):  # one prompt of token ids
+        p = [p]
+    # Raw completions take the prompt as the caller wrote it, special-token spellings included (the caller owns
+    # the whole prompt, so there is no turn to forge).
+    return [state.tok.encode(x, allow_special=True) if isinstance(x, str) else list(x) for x in p]
+
+
+def _completion_logprobs(state: ServerState, toks: list[TokenInfo], offset: int) -> CompletionLogprobs:
+    strs, lps, tops, offs = [], [], [], []
+    for t in toks:
+        s, _ = token_text(state.tok, t.token_id)
+        strs.append(s)
+        lps.append(t.logprob)
+        tops.append({token_text(state.tok, i)[0]: v for i, v in t.top or ()})
+        offs.append(offset)
+        offset += len(s)
+    return CompletionLogprobs(tokens=strs, token_logprobs=lps, top_logprobs=tops, text_offset=offs)
+
+
+async def completions(state: ServerState, req: CompletionRequest, request: Request) -> Response:
+    state.check_model(req.model)
+    if req.suffix:
+        raise APIError(400, "suffix is not supported by this server", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, "best_of must equal n (or be omitted): this server returns every sample it draws",
+                       param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs prompt log-probs, which this server does not compute",
+                       param="echo")
+    prompts = _prompts(state, req.prompt)
+    params = sampling_params(state, req, prompt_len=max(map(len, prompts)), max_tokens=req.max_tokens,
+                             top_logprobs=req.logprobs or 0)
+    n = params.n
+    echo = [state.tok.decode(p) if req.echo else "" for p in prompts]
+    samples = [SampleText(state.tok, params.stop) for _ in range(len(prompts) * n)]
+    offsets = [len(echo[k // n]) for k in range(len(samples))]
+    rid, created = new_id("cmpl"), int(time.time())
+    run = Run(state, prompts, params, rid)
+    index = {r: k for k, r in enumerate(run.rids)}
+    await run.__aenter__()
+    if req.stream:
+        usage = req.stream_options is not None and req.stream_options.include_usage
+        return SSEResponse(_completion_stream(state, req, run, samples, index, echo, offsets, rid, created, usage),
+                           run.close)
+    try:
+        done = await until_disconnected(request, _drain_completion(run, samples, index, n))
+    finally:
+        run.close()
+    if not done:
+        return Response(status_code=499)
+    choices = []
+    for k, s in enumerate(samples):
+        lp = _completion_logprobs(state, s.tokens, offsets[k]) if req.logprobs is not None else None
+        choices.append(CompletionChoice(index=k, text=echo[k // n] + s.text, logprobs=lp,
+                                        finish_reason=s.finish_reason))
+    out = Completion(id=rid, created=created, model=state.model_name, choices=choices, usage=_usage_text(run, samples))
+    return JSONResponse(out.dump())
+
+
+async def _drain_completion(run: Run, samples, index, n) -> bool:
+    async for outs in run.outputs():
+        for o in outs:
+            samples[index[o.request_id] * n + o.index].push(o)
+    return True
+
+
+def _usage_text(run: Run, samples) -> Usage:
+    gen = sum(s.num_generated for s in samples)
+    return Usage(prompt_tokens=run.num_prompt_tokens, completion_tokens=gen, total_tokens=run.num_prompt_tokens + gen)
+
+
+async def _completion_stream(state, req, run: Run, samples, index, echo, offsets, rid, created, include_usage):
+    n = run.params.n
+
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(k, text, finish=None, logprobs=None):
+        c = CompletionChoice(index=k, text=text, logprobs=logprobs, finish_reason=finish)
+        return sse(Completion(id=rid, created=created, model=state.model_name, choices=[c], **extra).dump_json())
+
+    try:
+        if req.echo:
+            for k in range(len(samples)):
+                yield chunk(k, echo[k // n])
+        async for outs in run.outputs():
+            for o in outs:
+                k = index[o.request_id] * n + o.index
+                s = samples[k]
+                text, toks = s.push(o)
+                lp = None
+                if req.logprobs is not None and toks:
+                    lp = _completion_logprobs(state, toks, offsets[k])
+                    offsets[k] += sum(len(x) for x in lp.tokens)
+                if text or lp is not None or o.finished:
+                    yield chunk(k, text, s.finish_reason if o.finished else None, lp)
+        if include_usage:
+            yield sse(Completion(id=rid, created=created, model=state.model_name, choices=[],
+                                 usage=_usage_text(run, samples)).dump_json())
+    except APIError as e:
+        yield sse(json.dumps(e.body()))
+    yield sse("[DONE]")
