@@ -174,3 +174,10 @@ def test_optimizer_state_round_trip():
     for fqn, st in osd["state"].items():
         for k, v in st.items():
             assert torch.equal(back["state"][fqn][k], v)
+
+
+def test_resume_with_another_stage_is_refused(full_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    with pytest.raises(ValueError, match="stage='pretrain'.*--model"):
+        train(_cfg(run, optimizer="muon", stage="sparse", resume="auto"))

@@ -48,7 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         t = hints[f.name]
-        if t is bool:
+        if f.name == "resume":
+            p.add_argument(flag, dest=f.name, nargs="?", const="auto", default=None,
+                           help="continue from the newest checkpoint in --out-dir (fresh start if there is none), "
+                                "or from the checkpoint directory given")
+        elif t is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                            help=f"(default {f.default})")
         else:

@@ -182,6 +182,23 @@ def gather_rng(world: int) -> list[dict]:
     return out
 
 
+def check_resumable(cfg: TrainConfig, saved: dict, where: Path) -> None:
+    """A checkpoint continues the run that wrote it. Another stage or optimizer trains another parameter set with
+    another optimizer state: that is a new run starting from the checkpoint's weights."""
+    for key in ("stage", "optimizer"):
+        if saved.get(key) != getattr(cfg, key):
+            raise ValueError(f"{where} was written by a run with {key}={saved.get(key)!r}, this run has "
+                             f"{key}={getattr(cfg, key)!r}. To start a new stage from its weights, pass "
+                             f"--model {where / 'model'} and a new --out-dir instead of --resume")
+    if (saved.get("mtp_depth", 0) > 0) != (cfg.mtp_depth > 0):
+        raise ValueError(f"{where}: mtp_depth {saved.get('mtp_depth')} -> {cfg.mtp_depth} changes which parameters "
+                         "train; start a new run from its weights (--model DIR/model) instead of --resume")
+    for key in ("batch_size", "seq_len", "steps", "lr", "schedule"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            log.warning("resuming with %s=%r (checkpoint: %r): the run will not repeat an uninterrupted one", key,
+                        getattr(cfg, key), saved[key])
+
+
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -212,6 +229,7 @@ def train(cfg: TrainConfig, source=None) -> dict:
     state = None
     if resume_from is not None:
         state = ckpt.load(resume_from)  # raises CheckpointError naming the bad file: training never starts from it
+        check_resumable(cfg, state["trainer_state"].get("config", {}), resume_from)
         model = load_model(resume_from / "model", dtype=torch.float32, device=device)
     else:
         model = load_model(cfg.model, dtype=torch.float32, device=device, seed=cfg.seed)
@@ -311,8 +329,9 @@ def train(cfg: TrainConfig, source=None) -> dict:
         if tot.get("recall_n", 0) > 0:
             record["recall"] = tot["recall_sum"] / tot["recall_n"]
         if loads:
-            record["expert_load"] = {str(k): (v / v.sum()).tolist() for k, v in sorted(loads.items())}
             record["imbalance"] = {str(k): imbalance(v) for k, v in sorted(loads.items())}
+            if (step + 1) % max(1, cfg.log_every) == 0:  # full per-expert fractions: E floats per layer, not every step
+                record["expert_load"] = {str(k): (v / v.sum()).tolist() for k, v in sorted(loads.items())}
         if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
             raise FloatingPointError(f"step {step + 1}: loss {record['loss']}, grad norm {record['grad_norm']}")
         if metrics_f:

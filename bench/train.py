@@ -1,0 +1,294 @@
+"""Training throughput: glm5's training step vs transformers' GlmMoeDsaForCausalLM, same weights, same batch (issue 4).
+
+    .venv/bin/python bench/train.py [--batch 2] [--seq 512] [--steps 4] [--threads 2] [--append BENCHMARKS.md]
+
+One training step = forward + backward + gradient clipping (1.0) + AdamW step (lr 1e-4, betas 0.9/0.95, wd 0.1),
+fp32 on CPU, on the seeded random `small` preset saved once with glm5.save_checkpoint. Every side runs in a fresh
+subprocess of this script (hidden --_worker flag): load the checkpoint, one untimed warm-up step, then --steps timed
+steps; the median step time gives tokens/s = batch * seq / time.
+
+Sides:
+  transformers        AutoModelForCausalLM.from_pretrained(dir); loss = model(ids, labels=ids).loss; the plain
+                      torch.optim.AdamW (what transformers' Trainer uses by default, "adamw_torch"; on CPU its
+                      per-tensor loop). Its forward always runs the DSA indexer (under no_grad) and masks attention to
+                      the top-k (all keys while seq <= index_topk = 512). The reference of the ratio column.
+  transformers+fused  the same with AdamW(fused=True), the optimizer glm5's loop uses: the model-only comparison.
+  glm5 pretrain       the loop's own step (glm5.train.losses.ForwardLoss, stage "pretrain", glm5.train.optim's
+                      fused AdamW): dense MLA, indexers frozen, next-token loss + the sequence-wise balance loss,
+                      then the aux-loss-free bias update.
+                      The like-for-like row: same weights trained, same loss up to the tiny balance term.
+  glm5 pretrain+MTP   the same with one MTP depth (the MTP layer's forward and backward on top; transformers has no
+                      MTP, so this row does more work than the reference).
+  glm5 sparse         the sparse DSA stage: indexer scores, top-k attention, indexer KL on the selected set.
+
+MFU: model FLOPs per token = 6 x (matmul parameters active per token, excluding the embedding lookup and unused
+indexers) + 6 x attention (QK and PV over the causal average of (seq+1)/2 keys), per second, over the machine's
+fp32 matmul peak measured here (best of several 2048^3 torch.mm with the same thread count).
+
+Contention: the machine may be shared. Each timed step reads the system-wide CPU pressure (/proc/pressure/cpu);
+a step during which other runnable tasks stalled for more than --max-stall of its wall time is discarded and re-run
+(at most --max-retries); before each step the worker waits up to --max-wait s for the other processes to go quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIDES = ("transformers", "transformers+fused", "glm5 pretrain", "glm5 pretrain+MTP", "glm5 sparse")
+
+
+# -- contention -------------------------------------------------------------------------------------------------------
+def _cpu_stall_us() -> int | None:
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(re.search(r"^some .*total=(\d+)", f.read(), re.M).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def _busy_cores(window_s: float = 0.5) -> float:
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4], sum(v)
+    b0, t0 = sample()
+    time.sleep(window_s)
+    b1, t1 = sample()
+    return (b1 - b0) / max(1, t1 - t0) * os.cpu_count()
+
+
+def wait_quiet(max_wait_s: float, busy_limit: float = 0.3) -> float:
+    t0 = time.perf_counter()
+    try:
+        while _busy_cores() > busy_limit and time.perf_counter() - t0 < max_wait_s:
+            time.sleep(1.0)
+    except (OSError, ValueError):
+        pass
+    return time.perf_counter() - t0
+
+
+# -- worker -------------------------------------------------------------------------------------------------------------
+def _make_step(side: str, ckpt: str, ids_BT1: torch.Tensor):
+    """(model, step function) for one side; the step runs forward, backward, clip and the optimizer."""
+    if side.startswith("transformers"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # the MTP layer's tensors are expected unused keys
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=side == "transformers+fused")
+        ids_BT = ids_BT1[:, :-1]
+
+        def step():
+            loss = model(input_ids=ids_BT, labels=ids_BT, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+
+        return model, step
+
+    import glm5
+    from glm5.train.balance import update_bias
+    from glm5.train.losses import ForwardLoss, loss_denominators
+    from glm5.train.loop import set_stage
+    from glm5.train.optim import build_optimizer
+
+    stage = "sparse" if side == "glm5 sparse" else "pretrain"
+    depth = 1 if side == "glm5 pretrain+MTP" else 0
+    model = glm5.load_model(ckpt, dtype=torch.float32).train()
+    set_stage(model, stage, depth)
+    net = ForwardLoss(model, stage, mtp_depth=depth)
+    opt = build_optimizer(model, "adamw", lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    params = [p for p in model.parameters() if p.requires_grad]
+    doc_BT1 = torch.zeros_like(ids_BT1)
+    pos_BT1 = torch.arange(ids_BT1.shape[1]).expand_as(ids_BT1)
+    den = loss_denominators(ids_BT1, doc_BT1, depth)
+
+    def step():
+        total, losses, stats = net(ids_BT1, doc_BT1, pos_BT1, den)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_bias(model, stats["loads"], 1e-3)
+        return float(losses["lm"])
+
+    return model, step
+
+
+def worker(args) -> None:
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(args.threads)
+    ids_BT1 = load_file(args.ids)["ids"]
+    model, step = _make_step(args.side, args.ckpt, ids_BT1)
+    first_loss = step()  # warm-up (allocations, optimizer state)
+    times, discarded, stalls, waited = [], [], [], 0.0
+    while len(times) < args.steps:
+        waited += wait_quiet(args.max_wait)
+        s0 = _cpu_stall_us()
+        t0 = time.perf_counter()
+        step()
+        dt = time.perf_counter() - t0
+        s1 = _cpu_stall_us()
+        stall = (s1 - s0) / 1e6 / dt if s0 is not None else 0.0
+        if stall > args.max_stall and len(discarded) < args.max_retries:
+            discarded.append(dt)
+            continue
+        times.append(dt)
+        stalls.append(stall)
+    extra = {"attn_implementation": model.config._attn_implementation} if args.side.startswith("transformers") else {}
+    print("RESULT " + json.dumps({"side": args.side, "times": times, "discarded": discarded, "stalls": stalls,
+                                  "waited_s": waited, "first_loss": first_loss, **extra}), flush=True)
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
+    """Best fp32 torch.mm GFLOP/s over `repeats` n^3 products."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        wait_quiet(10)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def model_flops_per_token(cfg, seq: int, side: str) -> float:
+    """6 x active matmul parameters + 6 x attention, per token (see the module docstring)."""
+    import glm5
+
+    model = glm5.build_model(cfg)  # meta device: shapes only
+    n = model.num_params()
+    active = n["active_no_embed"] + model.lm_head.weight.numel()
+    idx = sum(p.numel() for name, p in model.named_parameters() if ".indexer." in name and not name.startswith("mtp."))
+    if side != "glm5 sparse":
+        active -= idx  # dense MLA: the indexers do not run (transformers runs its indexer without gradients)
+    s_avg = (seq + 1) / 2
+    attn = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * s_avg
+    layers = 1
+    if side == "glm5 pretrain+MTP":
+        active += n["mtp_active"] - sum(p.numel() for name, p in model.named_parameters()
+                                        if name.startswith("mtp.") and ".indexer." in name)
+        active += model.lm_head.weight.numel()  # the MTP depth has its own pass through the head
+        layers += 1
+    attn *= (cfg.num_hidden_layers + layers - 1) / cfg.num_hidden_layers
+    return 6 * active + 3 * attn
+
+
+def run_worker(side, ckpt, ids_path, args) -> dict:
+    cmd = [sys.executable, __file__, "--_worker", side, "--_ckpt", ckpt, "--_ids", ids_path,
+           "--threads", str(args.threads), "--steps", str(args.steps), "--max-stall", str(args.max_stall),
+           "--max-retries", str(args.max_retries), "--max-wait", str(args.max_wait)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+        raise RuntimeError(f"{side} worker failed (rc={p.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return re.search(r"Model name:\s+(.*)", out).group(1).strip()
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--max-stall", type=float, default=0.05)
+    p.add_argument("--max-retries", type=int, default=6)
+    p.add_argument("--max-wait", type=float, default=10.0)
+    p.add_argument("--append", help="append the result table to this markdown file")
+    p.add_argument("--_worker")
+    p.add_argument("--_ckpt")
+    p.add_argument("--_ids")
+    args = p.parse_args(argv)
+    if args._worker:
+        args.side = args._worker
+        args.ckpt, args.ids = args._ckpt, args._ids
+        worker(args)
+        return 0
+
+    import glm5
+    from safetensors.torch import save_file
+
+    sides = [s.strip() for s in args.sides.split(",")]
+    bad = [s for s in sides if s not in SIDES]
+    if bad:
+        p.error(f"unknown side(s) {bad}; choose from {SIDES}")
+    cfg = glm5.config.resolve_config(args.preset)
+    tokens = args.batch * args.seq
+    with tempfile.TemporaryDirectory(prefix="glm5-train-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
+        model = glm5.load_model(cfg, dtype=torch.float32, seed=0)
+        glm5.save_checkpoint(model, Path(tmp) / "ckpt")
+        del model
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+        save_file({"ids": ids}, str(Path(tmp) / "ids.safetensors"))
+        peak = matmul_peak(args.threads)
+        results = {}
+        for side in sides:
+            r = run_worker(side, str(Path(tmp) / "ckpt"), str(Path(tmp) / "ids.safetensors"), args)
+            r["median_s"] = statistics.median(r["times"])
+            r["tok_s"] = tokens / r["median_s"]
+            r["flops_tok"] = model_flops_per_token(cfg, args.seq, side)
+            r["mfu"] = r["tok_s"] * r["flops_tok"] / (peak * 1e9)
+            results[side] = r
+            print(f"{side:20s} {r['median_s']:7.2f} s/step  {r['tok_s']:8.1f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+                  f"(first loss {r['first_loss']:.4f}, discarded {len(r['discarded'])})", flush=True)
+    ref = results.get("transformers")
+    lines = [
+        f"## Training (issue 4)\n",
+        f"`bench/train.py --preset {args.preset} --batch {args.batch} --seq {args.seq} --steps {args.steps} "
+        f"--threads {args.threads}` — {datetime.date.today()}, {_cpu_name()}, torch {torch.__version__}, "
+        f"{args.threads} threads; fp32 matmul peak measured here: {peak:.1f} GFLOP/s.\n",
+        "One step = forward + backward + clip + AdamW, batch of "
+        f"{args.batch} x {args.seq} tokens, median of {args.steps} timed steps after a warm-up step, each side in a fresh "
+        "process. MFU counts model FLOPs only (6 x active matmul parameters + attention over the causal half).\n",
+        "| side | s/step | tokens/s | vs transformers | vs transformers+fused | MFU | steps discarded for contention |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    fused = results.get("transformers+fused")
+    for side, r in results.items():
+        ratio = f"{r['tok_s'] / ref['tok_s']:.2f}x" if ref else "-"
+        ratio_f = f"{r['tok_s'] / fused['tok_s']:.2f}x" if fused else "-"
+        lines.append(f"| {side} | {r['median_s']:.2f} | {r['tok_s']:.1f} | {ratio} | {ratio_f} | {100 * r['mfu']:.1f}% | "
+                     f"{len(r['discarded'])} |")
+    if ref:
+        lines.append(f"\ntransformers attention implementation: `{ref.get('attn_implementation')}`. "
+                     "Spread of the timed steps (min-max s): " + ", ".join(
+                         f"{s} {min(r['times']):.2f}-{max(r['times']):.2f}" for s, r in results.items()) + ".\n")
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
