@@ -45,7 +45,7 @@ class BlockManager:
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-registered free blocks (pop from end)
         self.lru: OrderedDict[int, None] = OrderedDict()  # registered blocks with ref 0, oldest first
         self._next_id = ROOT + 1
-        self.hit_tokens = 0  # prompt tokens served from the prefix cache (stat)
+        self.hit_tokens = 0  # tokens admitted sequences took from the prefix cache (counted by the scheduler)
 
     # -- counts ----------------------------------------------------------------------------------------------------
     @property
@@ -102,7 +102,6 @@ class BlockManager:
             self.ref[b] += 1
             out.append(b)
             parent = self.key_id[b]
-        self.hit_tokens += len(out) * P
         return out, parent
 
     def register(self, block: int, parent: int, tokens: list[int]) -> int:

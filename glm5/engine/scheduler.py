@@ -103,19 +103,20 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            taken: list[int] = []
+            hit = 0
             if seq.num_computed == 0 and not seq.blocks and seq.cacheable:
                 # At least the last token must be fed: its logits give the next token.
                 max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
-                taken, seq.chain = self.blocks.take_prefix(seq.tokens, max_blocks)
-                seq.blocks, seq.num_registered = taken, len(taken)
-                seq.num_computed = len(taken) * self.blocks.block_size
+                seq.blocks, seq.chain = self.blocks.take_prefix(seq.tokens, max_blocks)
+                seq.num_registered = len(seq.blocks)
+                seq.num_computed = hit = len(seq.blocks) * self.blocks.block_size
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self._blocks_needed(seq, n)
             if need > self.blocks.num_free:
                 self._reset(seq)
                 break
             seq.blocks += self.blocks.allocate(need)
+            self.blocks.hit_tokens += hit
             self.waiting.popleft()
             seq.status, seq.admitted = RUNNING, self._admissions
             self._admissions += 1
