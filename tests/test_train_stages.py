@@ -98,7 +98,8 @@ def _skewed(seed=0):
 
 def test_bias_update_balances_a_skewed_router():
     """The router itself, fed fixed inputs (128 tokens): sign updates of the selection bias drive max/mean load
-    from ~2.7 to ~1.3 (128 tokens x 2 choices over 8 experts cannot balance exactly); the gate weights (the gradient path) are untouched."""
+    from ~2.7 to ~1.3 (128 tokens x 2 choices over 8 experts cannot balance exactly); the gate weights (the
+    gradient path) are untouched."""
     model, xs = _skewed()
     moe = moe_layers(model)[1]
     x_ND = xs[1]
@@ -282,3 +283,26 @@ def test_cli_subcommand_and_config_files(tmp_path, capsys):
     args = p.parse_args(["train", "--config", str(conf)])
     assert args.fn(args) == 2
     assert "unknown setting(s) step" in capsys.readouterr().err
+
+
+def test_sequence_balance_loss_matches_the_formula():
+    """DeepSeek-V3 eq. 17-20, written out with loops: per row sum_e f_e P_e, f_e = E/(kT) * count_e,
+    P_e = mean_t s_te / sum_e' s_te'. Balanced routing with uniform scores gives exactly 1 per row."""
+    from glm5.train.losses import sequence_balance_sum
+
+    g = torch.Generator().manual_seed(0)
+    B, T, E, k = 3, 10, 8, 2
+    logits = torch.randn(B * T, E, generator=g)
+    idx = logits.topk(k, -1).indices
+    want = 0.0
+    for b in range(B):
+        s = logits[b * T:(b + 1) * T].sigmoid()
+        P = (s / s.sum(-1, keepdim=True)).mean(0)
+        f = torch.zeros(E)
+        for t in range(T):
+            for e in idx[b * T + t]:
+                f[e] += E / (k * T)
+        want += float((f * P).sum())
+    assert float(sequence_balance_sum(idx, logits, B)) == pytest.approx(want, rel=1e-6)
+    flat = torch.arange(T * k).remainder(E).view(T, k).repeat(B, 1)  # every expert chosen equally often
+    assert float(sequence_balance_sum(flat, torch.zeros(B * T, E), B)) == pytest.approx(B, rel=1e-6)

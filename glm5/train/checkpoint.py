@@ -118,7 +118,7 @@ def _py_state_from_json(j):
     return (version, tuple(internal), gauss)
 
 
-# -- writing ------------------------------------------------------------------------------------------------------------
+# -- writing --------------------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -183,7 +183,7 @@ def save(root: str | Path, step: int, model, optim_state: dict, rng_states: list
     return final
 
 
-# -- reading ------------------------------------------------------------------------------------------------------------
+# -- reading --------------------------------------------------------------------------------------------------------
 def verify(path: str | Path) -> dict:
     """Check every file the manifest lists (present, size, sha256). Returns the manifest; raises CheckpointError
     naming the first bad file."""

@@ -51,8 +51,8 @@ def sequence_balance_sum(idx_Nk: torch.Tensor, logits_NE: torch.Tensor, rows: in
     T = N // rows
     s_NE = logits_NE.float().sigmoid()  # the router's scores (sigmoid, as the gate computes them)
     P_BE = (s_NE / s_NE.sum(-1, keepdim=True)).view(rows, T, E).mean(1)
-    counts_BE = torch.zeros(rows, E, device=idx_Nk.device).scatter_add_(
-        1, idx_Nk.view(rows, T * k), torch.ones(rows, T * k, device=idx_Nk.device))
+    row_N1 = torch.arange(rows, device=idx_Nk.device).repeat_interleave(T)[:, None]
+    counts_BE = torch.bincount((row_N1 * E + idx_Nk).flatten(), minlength=rows * E).view(rows, E).float()
     f_BE = counts_BE * (E / (k * T))  # no gradient: selection counts are constants, as in the paper
     return (f_BE * P_BE).sum()
 
