@@ -65,9 +65,6 @@ class Scheduler:
         seq.status = WAITING
         (self.waiting.appendleft if front else self.waiting.append)(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         P = self.blocks.block_size
         return max(0, -(-(seq.num_computed + n) // P) - len(seq.blocks))
