@@ -194,3 +194,14 @@ def test_training_hooks_attn_probs_dense_switch_and_detached_indexer():
     sum(v.masked_fill(~v.isfinite(), 0).square().sum() for v in aux.index_scores.values()).backward()
     got = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got and all(".indexer." in n for n in got)
+
+
+def test_grouped_moe_small_batches_take_the_per_expert_path_and_agree():
+    from glm5.model.moe import MoE
+
+    m = _model(n_routed_experts=8, num_experts_per_tok=2)
+    moe = next(mod for mod in m.modules() if isinstance(mod, MoE))
+    for n in (1, 3, 6):  # n * k < E: per chosen expert; 6 * 2 >= 8: grouped_mm
+        x = torch.randn(n, m.config.hidden_size)
+        with torch.no_grad():
+            assert torch.allclose(moe(x[None], "grouped"), moe(x[None], "loop"), atol=1e-5)

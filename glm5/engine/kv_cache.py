@@ -197,22 +197,32 @@ class BatchView:
                              f"{tuple(self.positions_BT.shape)}")
         return self.kpos_BS
 
-    def update(self, layer: int, lat_BTW: torch.Tensor, ikey_BTd: torch.Tensor | None):
+    def update(self, layer: int, lat_BTW: torch.Tensor, ikey_BTd: torch.Tensor | None, need_latent: bool = True):
         c = self.cache
         if layer >= c.n_layers:
             raise ValueError(f"layer {layer}: the paged cache holds only the {c.n_layers} main layers (no MTP)")
-        lat = self._write_and_gather(c.lat[layer], lat_BTW)
+        lat = self._write_and_gather(c.lat[layer], lat_BTW, gather=need_latent)
         ik = self._write_and_gather(c.ikey[c.ikey_index[layer]], ikey_BTd) if ikey_BTd is not None else None
         return lat, ik
 
-    def _write_and_gather(self, store_NPX: torch.Tensor, new_BTX: torch.Tensor) -> torch.Tensor:
+    def gather_latent(self, layer: int, idx_BTK: torch.Tensor) -> torch.Tensor:
+        """Latent rows [B, T, K, W] of the key slots idx (sparse decode reads only its top-k rows)."""
+        P = self.cache.block_size
+        b_B11 = torch.arange(self.B, device=idx_BTK.device)[:, None, None]
+        slot_BTK = self.table_BN[b_B11, idx_BTK // P] * P + idx_BTK % P
+        store = self.cache.lat[layer]
+        W = store.shape[-1]
+        return store.view(-1, W).index_select(0, slot_BTK.flatten()).view(*idx_BTK.shape, W)
+
+    def _write_and_gather(self, store_NPX: torch.Tensor, new_BTX: torch.Tensor, gather: bool = True):
         X = store_NPX.shape[-1]
         src_MX = new_BTX.reshape(-1, X)
         if not self.all_valid:
             src_MX = src_MX[self.valid_M]
         store_NPX.view(-1, X).index_copy_(0, self.slot_M, src_MX.to(store_NPX.dtype))
+        if not gather:
+            return None
         # [B, N, P, X] -> [B, S, X]: a copy of every slot of every row (index_select: one memcpy per block, ~1.3x
-        # faster than advanced indexing here). The model takes only its top-k rows from this in decode; a cache
-        # method gathering just those would make decode flat in S (see the engine's notes).
+        # faster than advanced indexing here). Sparse decode skips this and calls gather_latent for its top-k rows.
         rows = store_NPX.view(store_NPX.shape[0], -1).index_select(0, self.table_flat)
         return rows.view(self.B, self.N * self.cache.block_size, X)[:, : self.S]

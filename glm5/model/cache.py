@@ -1,6 +1,7 @@
 """A contiguous latent KV cache for one batch of sequences that advance together.
 
-The serving engine has its own paged cache with the same three methods; the model only ever calls these.
+The serving engine has its own paged cache with the same methods; the model only ever calls these:
+next_position, key_positions, update, and gather_latent (optional: lets sparse decode read only its top-k rows).
 Per token and layer it stores the MLA latent row [C | R] and the indexer key [Di], never expanded K/V.
 """
 
@@ -29,9 +30,15 @@ class DenseCache:
         self.start, self.len = self.len, self.len + T
         return torch.arange(self.len, device=positions_BT.device).expand(B, self.len)
 
-    def update(self, layer: int, lat_BTL: torch.Tensor, ikey_BTd: torch.Tensor | None):
+    def update(self, layer: int, lat_BTL: torch.Tensor, ikey_BTd: torch.Tensor | None, need_latent: bool = True):
+        """Store this step's rows; return all rows so far (the latent only if need_latent: sparse decode reads
+        just its top-k rows through gather_latent)."""
         s, e = self.start, self.len
         self.lat[layer, :, s:e] = lat_BTL
         if ikey_BTd is not None:
             self.ikey[layer, :, s:e] = ikey_BTd
-        return self.lat[layer, :, :e], (self.ikey[layer, :, :e] if ikey_BTd is not None else None)
+        return (self.lat[layer, :, :e] if need_latent else None), (self.ikey[layer, :, :e] if ikey_BTd is not None else None)
+
+    def gather_latent(self, layer: int, idx_BTK: torch.Tensor) -> torch.Tensor:
+        b_B11 = torch.arange(idx_BTK.shape[0], device=idx_BTK.device)[:, None, None]
+        return self.lat[layer][b_B11, idx_BTK]

@@ -59,6 +59,12 @@ class ForwardAux:
     router: dict = field(default_factory=dict)  # layer -> (topk_expert_idx [N, k], router_logits [N, E])
 
 
+def resolve_dsa(dsa_impl: str, T: int) -> str:
+    """Decode-sized steps gather the K chosen latents (cost flat in S); long prefill masks all S keys and lets one
+    fused SDPA call per query block do the work (gathering K rows per query costs T*K*L memory traffic)."""
+    return ("gather" if T <= 16 else "mask") if dsa_impl in ("auto", "off") else dsa_impl
+
+
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, has_indexer: bool):
         super().__init__()
@@ -88,13 +94,18 @@ class MLAttention(nn.Module):
         x_idx, q_idx = (x_BTD.detach(), q_resid_BTQ.detach()) if aux is not None and aux.detach_indexer_input \
             else (x_BTD, q_resid_BTQ)
         ik_BTd = self.indexer.keys(x_idx, ctx.cos, ctx.sin) if self.indexer is not None else None
+        S = ctx.visible_BTS.shape[-1]
+        sparse = ctx.dsa_impl != "off" and S > self.index_topk
+        dsa_impl = resolve_dsa(ctx.dsa_impl, T)
+        # Sparse decode from a cache that can gather rows: never materialise all S latent rows, read only the top-k
+        # (per-step cost flat in context apart from the index-key scan).
+        rows_only = sparse and dsa_impl == "gather" and hasattr(ctx.cache, "gather_latent") \
+            and not (aux is not None and aux.want_attn_probs)
         if ctx.cache is not None:
-            lat_BSL, ik_BSd = ctx.cache.update(self.layer_idx, lat_BTL, ik_BTd)
+            lat_BSL, ik_BSd = ctx.cache.update(self.layer_idx, lat_BTL, ik_BTd, need_latent=not rows_only)
         else:
             lat_BSL, ik_BSd = lat_BTL, ik_BTd
-        S = lat_BSL.shape[1]
 
-        sparse = ctx.dsa_impl != "off" and S > self.index_topk
         topk_BTK = prev_topk if sparse else None  # "shared" layers reuse the previous full layer's choice
         if self.indexer is not None:
             want = aux is not None and aux.want_index_scores
@@ -109,8 +120,9 @@ class MLAttention(nn.Module):
                 aux.attn_probs[self.layer_idx] = self.attn_probs(q_nope_BTHN, q_rope_BTHR, lat_BSL,
                                                                  self.keep_mask(ctx.visible_BTS, topk_BTK))
 
-        o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, ctx.dsa_impl,
-                             ctx.key_end_T)
+        rows_BTKL = ctx.cache.gather_latent(self.layer_idx, topk_BTK) if rows_only else None
+        o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, dsa_impl,
+                             ctx.key_end_T, rows_BTKL)
         return self.o_proj(o_BTHV.flatten(2)), topk_BTK
 
     @staticmethod
@@ -134,19 +146,17 @@ class MLAttention(nn.Module):
 
     # -- attention over the latent ----------------------------------------------------------------------------
     def attend(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl="auto", dsa_impl="auto",
-               key_end_T=None):
+               key_end_T=None, rows_BTKL=None):
         T = q_nope_BTHN.shape[1]
         if attn_impl not in ATTN_IMPLS or dsa_impl not in DSA_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, dsa_impl one of {DSA_IMPLS}")
-        if dsa_impl in ("auto", "off"):
-            # Decode-sized steps gather the K chosen latents (cost flat in S); long prefill masks all S keys and
-            # lets one fused SDPA call do the work (gathering K rows per query costs T*K*L memory traffic).
-            dsa_impl = "gather" if T <= 16 else "mask"
+        dsa_impl = resolve_dsa(dsa_impl, T)
         if attn_impl == "auto":
             attn_impl = "absorbed" if (dsa_impl == "gather" or T <= 16) else "expanded"
         if topk_BTK is not None and dsa_impl == "gather":
-            b_B11 = torch.arange(lat_BSL.shape[0], device=lat_BSL.device)[:, None, None]
-            rows_BTKL = lat_BSL[b_B11, topk_BTK]
+            if rows_BTKL is None:
+                b_B11 = torch.arange(lat_BSL.shape[0], device=lat_BSL.device)[:, None, None]
+                rows_BTKL = lat_BSL[b_B11, topk_BTK]
             keep_BTK = visible_BTS.gather(-1, topk_BTK)
             return self._attend_rows(q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl)
         key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T

@@ -85,9 +85,20 @@ class Experts(nn.Module):
         tok_M = order // k
         offs_E = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
         x_MD = x_ND[tok_M]
-        g = F.grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offs=offs_E)
-        u = F.grouped_mm(x_MD, self.up_proj.transpose(1, 2), offs=offs_E)
-        y_MD = F.grouped_mm(F.silu(g) * u, self.down_proj.transpose(1, 2), offs=offs_E)
+        if N * k < E:
+            # Decode-sized: fewer pairs than experts. grouped_mm would still run a (empty) GEMM per expert on CPU;
+            # one matmul per expert actually chosen is cheaper.
+            experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+            parts, m0 = [], 0
+            for e, c in zip(experts.tolist(), counts.tolist()):
+                xe = x_MD[m0:m0 + c]
+                parts.append((F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())) @ self.down_proj[e].t())
+                m0 += c
+            y_MD = torch.cat(parts)
+        else:
+            g = F.grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offs=offs_E)
+            u = F.grouped_mm(x_MD, self.up_proj.transpose(1, 2), offs=offs_E)
+            y_MD = F.grouped_mm(F.silu(g) * u, self.down_proj.transpose(1, 2), offs=offs_E)
         y_MD = y_MD * w_Nk.flatten()[order, None].to(y_MD.dtype)
         return torch.zeros_like(x_ND).index_add_(0, tok_M, y_MD)
 
