@@ -42,6 +42,10 @@ def load_model(path_or_preset: str | Path | ModelConfig, dtype: torch.dtype | No
         if p.suffix == ".json":
             return load_model(ModelConfig.from_hf(p), dtype, device, seed)
         raise ConfigError(f"{p}: expected a checkpoint directory, a config.json or a preset ({', '.join(PRESETS)})")
+    from .quant.load import is_quantized_checkpoint, load_fp8_model
+
+    if is_quantized_checkpoint(p):  # GLM-5-FP8 layout: weights stay FP8 in memory
+        return load_fp8_model(p, dtype, device)
     cfg = resolve_config(p)
     shards = checkpoint_files(p)
     if cfg.num_nextn_predict_layers and not has_mtp_weights(shards, cfg):

@@ -7,6 +7,10 @@ import sys
 import time
 
 
+# serve / chat / generate, train, quantize
+SUBCOMMAND_MODULES = ("glm5.server.cli", "glm5.train.cli", "glm5.quant.cli")
+
+
 def cmd_inspect(args) -> int:
     from .config import resolve_config
     from .inspect import format_report, weight_report
@@ -25,13 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("inspect", help="parameters and weight bytes of a preset, config.json or checkpoint dir")
     s.add_argument("model", help="preset (tiny, small, glm5), config.json, or checkpoint directory")
     s.set_defaults(fn=cmd_inspect)
+    import importlib
+
+    for mod in SUBCOMMAND_MODULES:  # each area registers its own subcommands
+        importlib.import_module(mod).add_parser(sub)
     args = p.parse_args(argv)
     from .config import ConfigError
+    from .tokenizer import TokenizerError
     from .weights import CheckpointError
 
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, TokenizerError) as e:
         print(f"glm5 {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -439,3 +439,27 @@ def test_engine_decodes_an_fp8_model_like_plain_greedy(tmp_path):
                 ids.append(got)
                 compared += 1
     assert compared >= 10
+
+
+def test_load_model_routes_fp8_and_engine_update_weights_quantizes(tmp_path):
+    """glm5.load_model opens an FP8 checkpoint with FP8 weights; the engine's update_weights takes dense tensors."""
+    import glm5
+    from glm5.config import tiny
+    from glm5.engine import Engine, SamplingParams
+    from glm5.quant.convert import quantize_checkpoint
+
+    dense = glm5.load_model(tiny())
+    glm5.save_checkpoint(dense, tmp_path / "bf16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", to="fp8")
+    m = glm5.load_model(tmp_path / "fp8")
+    assert any(b.dtype == torch.float8_e4m3fn for b in m.buffers())
+    with pytest.raises(glm5.CheckpointError, match="save_fp8_checkpoint"):
+        glm5.save_checkpoint(m, tmp_path / "nope")
+    eng = Engine(m, num_blocks=32, block_size=4)
+    ids = [1, 2, 3, 4, 5]
+    before = eng.generate([ids], SamplingParams(temperature=0, max_tokens=4))[0][0].token_ids
+    other = glm5.load_model(tiny(), seed=1)
+    eng.update_weights(dict(other.state_dict()))
+    after = eng.generate([ids], SamplingParams(temperature=0, max_tokens=4))[0][0].token_ids
+    assert eng.policy_version == 1 and after != before
+    assert all(b.isfinite().all() for b in m.buffers() if b.dtype == torch.float32)

@@ -262,7 +262,13 @@ class Engine:
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int | None = None,
                        recompute_running: bool = False) -> int:
         """Copy tensors (glm5 parameter / buffer names, any subset) into the model in place; returns the new
-        policy_version (version if given, else the old one + 1)."""
+        policy_version (version if given, else the old one + 1). An FP8 model takes dense tensors: they are
+        quantized here (a plain copy into an e4m3 buffer would drop the block scales)."""
+        fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+        if any(b.dtype in fp8 for b in self.model.buffers()) and not any(v.dtype in fp8 for v in state_dict.values()):
+            from ..quant.load import fp8_state_dict
+
+            state_dict = fp8_state_dict(self.model, state_dict)
         named = dict(self.model.named_parameters())
         named.update(self.model.named_buffers())
         unknown = [k for k in state_dict if k not in named]
