@@ -112,19 +112,24 @@ def worker_glm5_single(args, ckpt, ids):
     for C in contexts:
         runs, disc = retry(lambda: _engine_decode(eng, ids[:C], args.gen), args)
         # Instrumented pass: time inside BatchView._write_and_gather (cache write + gather of every row).
+        # (and in gather_latent, which sparse decode uses to read only its top-k latent rows).
         spent = [0.0]
-        orig = kv_cache.BatchView._write_and_gather
+        origs = {name: getattr(kv_cache.BatchView, name) for name in ("_write_and_gather", "gather_latent")}
 
-        def timed(self, *a):
-            t = time.perf_counter()
-            r = orig(self, *a)
-            spent[0] += time.perf_counter() - t
-            return r
-        kv_cache.BatchView._write_and_gather = timed
+        def timing(orig):
+            def timed(self, *a, **kw):
+                t = time.perf_counter()
+                r = orig(self, *a, **kw)
+                spent[0] += time.perf_counter() - t
+                return r
+            return timed
+        for name, orig in origs.items():
+            setattr(kv_cache.BatchView, name, timing(orig))
         try:
             _engine_decode(eng, ids[:C], args.gen)
         finally:
-            kv_cache.BatchView._write_and_gather = orig
+            for name, orig in origs.items():
+                setattr(kv_cache.BatchView, name, orig)
         out[C] = {"tok_s": statistics.median(r["tok_s"] for r in runs), "all": [r["tok_s"] for r in runs],
                   "stalls": [r["stall"] for r in runs], "discarded": disc, "tokens": runs[0]["tokens"][: args.gen + 1],
                   "gather_ms": spent[0] / (args.gen + 1) * 1e3}
@@ -315,7 +320,7 @@ def report(args, cfg, bw, g, h, c):
         print(f"| {C} | {a['tok_s']:.1f} | {b['tok_s']:.1f} | **{a['tok_s'] / b['tok_s']:.2f}x** | "
               f"{'yes' if a['tokens'] == b['tokens'] else 'no'} |")
     print("\n### Engine decode vs context (flat once context > index_topk apart from the indexer scan?)\n")
-    print("| context | ms / token | of which cache write + gather of all rows | rest |")
+    print("| context | ms / token | of which cache write + row gather (all rows, or top-k once sparse) | rest |")
     print("|--------:|-----------:|------------------------------------------:|-----:|")
     for C in sorted(gs, key=int):
         ms = 1e3 / gs[C]["tok_s"]
