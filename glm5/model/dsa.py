@@ -38,27 +38,53 @@ class Indexer(nn.Module):
         """Index keys [B, T, Di]: what the engine caches per token (one head, 128 wide in GLM-5)."""
         return self._rope_first(self.k_norm(self.wk(x_BTD)), cos, sin)
 
-    def scores(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T=None) -> torch.Tensor:
-        """Index scores [B, T, S] in fp32, -inf where the key is not visible to the query.
-        key_end_T[t] bounds the keys query t can see (see `key_ends`); computed here if not given."""
+    def _blocks(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T):
+        """Yield (t0, t1, s1, scores [B, t1-t0, s1]) per query block: each block is scored only against keys up to
+        its last visible one (causal prefill does half the work) and no [B, T, HI, S] tensor exists whole."""
         B, T, _ = x_BTD.shape
         S = k_BSd.shape[1]
         q_BTHd = self._rope_first(self.wq_b(q_resid_BTQ).view(B, T, self.n_heads, self.head_dim), cos, sin)
         # fp32 for the head weights and the score sums: these decide a discrete top-k, rounding flips choices.
         w_BT1H = (self.weights_proj(x_BTD.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5).unsqueeze(-2)
         q_BTHd = q_BTHd.float() * self.head_dim**-0.5  # scale the [T, H, d] queries, not the [T, H, S] scores
-        kT_B1dS = k_BSd.float().transpose(-1, -2).unsqueeze(1)
+        kT_BdS = k_BSd.float().transpose(-1, -2)
         key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T
-        # Query blocks, each scored only against keys up to its last visible one: causal prefill does half the work,
-        # and no [B, T, HI, S] block exists whole.
         step = max(1, min(QUERY_BLOCK, _SCORE_BLOCK_ELEMS // max(1, B * self.n_heads * S)))
-        index_BTS = torch.full((B, T, S), float("-inf"), device=x_BTD.device)
         for t0 in range(0, T, step):
             t1 = min(T, t0 + step)
             s1 = max(1, max(key_end_T[t0:t1]))
-            s_BtHs = torch.matmul(q_BTHd[:, t0:t1], kT_B1dS[..., :s1]).relu_()
-            index_BTS[:, t0:t1, :s1] = torch.matmul(w_BT1H[:, t0:t1], s_BtHs).squeeze(-2)
-        return index_BTS.masked_fill(~visible_BTS, float("-inf"))
+            # one [t*HI, d] x [d, s1] GEMM per batch row, not t skinny [HI, d] ones
+            s_BtHs = torch.matmul(q_BTHd[:, t0:t1].flatten(1, 2), kT_BdS[..., :s1]).view(B, t1 - t0, self.n_heads, s1).relu_()
+            blk_BtS = torch.matmul(w_BT1H[:, t0:t1], s_BtHs).squeeze(-2)
+            yield t0, t1, s1, blk_BtS.masked_fill(~visible_BTS[:, t0:t1, :s1], float("-inf"))
+
+    def scores(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T=None) -> torch.Tensor:
+        """Index scores [B, T, S] in fp32, -inf where the key is not visible to the query.
+        key_end_T[t] bounds the keys query t can see (see `key_ends`); computed here if not given."""
+        B, T, _ = x_BTD.shape
+        index_BTS = torch.full((B, T, k_BSd.shape[1]), float("-inf"), device=x_BTD.device)
+        for t0, t1, s1, blk in self._blocks(x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T):
+            index_BTS[:, t0:t1, :s1] = blk
+        return index_BTS
+
+    @torch.no_grad()
+    def select(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T, k: int) -> torch.Tensor:
+        """Top-k key indices [B, T, k] block by block, without materialising [B, T, S] scores: a block whose queries
+        see at most k keys keeps them all (no scoring, no top-k); the others take top-k over their visible range
+        only. Same choice as select_topk(scores(...), k) on every visible key."""
+        B, T, _ = x_BTD.shape
+        key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T
+        idx_BTK = torch.arange(k, device=x_BTD.device).expand(B, T, k).clone()  # "everything up to k" (sparse: S > k)
+        first = next((t for t, e in enumerate(key_end_T) if e > k), T)  # earlier queries see <= k keys
+        if first == T:
+            return idx_BTK
+        t_from = first - first % QUERY_BLOCK  # keep the block grid of scores(): identical numerics
+        sub = slice(t_from, T)
+        for t0, t1, s1, blk in self._blocks(x_BTD[:, sub], q_resid_BTQ[:, sub], cos[:, sub], sin[:, sub], k_BSd,
+                                            visible_BTS[:, sub], key_end_T[t_from:]):
+            if s1 > k:
+                idx_BTK[:, t_from + t0:t_from + t1] = select_topk(blk, k)
+        return idx_BTK
 
 
 def key_ends(visible_BTS: torch.Tensor) -> torch.Tensor:
@@ -78,9 +104,11 @@ def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
     position (earliest first) so the choice depends on the scores alone. Rows with fewer than k visible keys also
     pick invisible ones (score -inf); attention drops those through its visibility mask, as the reference does."""
     k = min(k, index_BTS.shape[-1])
-    vals_BTK, idx_BTK = index_BTS.topk(k, dim=-1)
-    kth_BT1 = vals_BTK[..., -1:]
-    tied_BT = (index_BTS >= kth_BT1).sum(-1) > k  # the k-th value also sits outside the cut
+    vals_BTK, idx_BTK = index_BTS.topk(k, dim=-1, sorted=False)  # unsorted: ~1.6x faster, order is irrelevant
+    kth_BT1 = vals_BTK.amin(-1, keepdim=True)
+    # The k-th value also sits outside the cut. Rows whose k-th value is -inf keep every visible key already (the
+    # -inf fillers are masked out by attention), so they need no tie-break.
+    tied_BT = ((index_BTS >= kth_BT1).sum(-1) > k) & (kth_BT1.squeeze(-1) > float("-inf"))
     if tied_BT.any():
         rows_nS, kth_n1 = index_BTS[tied_BT], kth_BT1[tied_BT]
         above_nS, equal_nS = rows_nS > kth_n1, rows_nS == kth_n1

@@ -109,11 +109,13 @@ class MLAttention(nn.Module):
         topk_BTK = prev_topk if sparse else None  # "shared" layers reuse the previous full layer's choice
         if self.indexer is not None:
             want = aux is not None and aux.want_index_scores
-            if sparse or want:
+            if want:  # training: the whole [B, T, S] score matrix, differentiable
                 index_BTS = self.indexer.scores(x_idx, q_idx, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS, ctx.key_end_T)
-                if want:
-                    aux.index_scores[self.layer_idx] = index_BTS
+                aux.index_scores[self.layer_idx] = index_BTS
                 topk_BTK = select_topk(index_BTS.detach(), self.index_topk) if sparse else None
+            elif sparse:  # inference: block by block, never the whole score matrix
+                topk_BTK = self.indexer.select(x_idx, q_idx, ctx.cos, ctx.sin, ik_BSd, ctx.visible_BTS, ctx.key_end_T,
+                                               self.index_topk)
         if aux is not None:
             aux.topk[self.layer_idx] = topk_BTK
             if aux.want_attn_probs:
