@@ -178,7 +178,7 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dt
                     max_shard_bytes: int = 4 << 30) -> Path:
     """Write config.json and safetensors (sharded with an index when larger than max_shard_bytes), each file
     through a temporary name and an atomic rename, so a crash never leaves a half-written file under its name."""
-    if any(b.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for b in model.buffers()):
+    if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in model.state_dict().values()):
         raise CheckpointError("this model holds FP8 weights, whose scales save_checkpoint would drop: "
                               "use glm5.quant.save_fp8_checkpoint")
     out = Path(out_dir)
