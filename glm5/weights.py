@@ -203,16 +203,16 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dt
         for _ in keys:
             hf, t = next(it)
             shard[hf] = t
-        _atomic(out / fname, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+        atomic_write(out / fname, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
         del shard
     if n > 1:
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {k: fname for fname, keys in zip(names, plan) for k in keys}}
-        _atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
     hf_cfg = cfg.to_hf()
     if dtype is not None:
         hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
     return out
 
 
@@ -228,7 +228,8 @@ def _plan_items(model, dtype):
             yield hf, (numel * item,)
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename over path: readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)

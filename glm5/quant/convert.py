@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ..config import ConfigError, ModelConfig
 from ..model.model import FP32_PARAM_SUFFIXES
-from ..weights import INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, checkpoint_files, to_hf_names
+from ..weights import INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, atomic_write, checkpoint_files, to_hf_names
 from .fp8 import BLOCK, FP8, FP8Experts, FP8Linear, dequantize, quantize
 from .format import quantization_config, quantized_by_release, read_quant_config
 
@@ -73,11 +73,11 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, to: str = "fp8"
                     tensors[k] = v
                     weight_map[k] = name
                     total += v.numel() * v.element_size()
-        _atomic(out / name, lambda p, d=tensors: save_file(d, str(p), metadata={"format": "pt"}))
+        atomic_write(out / name, lambda p, d=tensors: save_file(d, str(p), metadata={"format": "pt"}))
         del tensors
     if len(shards) > 1 or (src / INDEX_FILE).exists():
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
     _copy_extras(src, out, set(Path(s).name for s in shards))
     hf = dict(hf)
     hf.pop("quantization_config", None)
@@ -85,7 +85,7 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, to: str = "fp8"
         hf["quantization_config"] = quantization_config(cfg, block)
     hf["dtype"] = "bfloat16"
     hf.pop("torch_dtype", None)
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
     return out
 
 
@@ -141,17 +141,17 @@ def save_fp8_checkpoint(model, out_dir: str | Path, dense_dtype=torch.bfloat16, 
             wmap.update({k: final for k in keys})
             total += nbytes
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
-        _atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
     hf_cfg = cfg.to_hf()
     hf_cfg["dtype"] = str(dense_dtype).removeprefix("torch.")
     hf_cfg["quantization_config"] = quantization_config(cfg, block)
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2)))
     return out
 
 
 def _write_shard(out: Path, i: int, tensors: dict) -> tuple[str, list[str], int]:
     fname = f"shard-{i:05d}.safetensors"
-    _atomic(out / fname, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / fname, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     return fname, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -189,13 +189,3 @@ def _copy_extras(src: Path, out: Path, shard_names: set[str]) -> None:
         if (p.is_file() and p.name not in shard_names and p.name not in ("config.json", INDEX_FILE)
                 and p.suffix != ".safetensors" and p.suffix not in PICKLE_SUFFIXES and not p.name.startswith(".")):
             shutil.copy2(p, out / p.name)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -257,19 +257,10 @@ def cmd_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="glm5", description="GLM-5 serving commands")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_parser(sub)
-    args = p.parse_args(argv)
-    from ..config import ConfigError
-    from ..tokenizer import TokenizerError
-    from ..weights import CheckpointError
+    """`python -m glm5.server.cli serve ...`: the glm5 command line (one parser, one error policy)."""
+    from ..cli import main as glm5_main
 
-    try:
-        return args.fn(args)
-    except (ConfigError, CheckpointError, TokenizerError) as e:
-        print(f"glm5 {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    return glm5_main(argv)
 
 
 if __name__ == "__main__":
