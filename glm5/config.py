@@ -134,15 +134,7 @@ class ModelConfig:
     def from_hf(cls, src: str | Path | dict) -> "ModelConfig":
         where = "config"
         if not isinstance(src, dict):
-            p = Path(src)
-            p = p / "config.json" if p.is_dir() else p
-            where = str(p)
-            if not p.exists():
-                raise ConfigError(f"{where}: no such file")
-            try:
-                src = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not valid JSON ({e})") from None
+            src, where = read_hf_config(src)
         d = dict(src)
         mt = d.get("model_type")
         if mt != HF_MODEL_TYPE:
@@ -186,6 +178,18 @@ class ModelConfig:
         d["qk_head_dim"] = self.qk_head_dim
         d["eos_token_id"] = list(self.eos_token_id) or None
         return d
+
+
+def read_hf_config(path: str | Path) -> tuple[dict, str]:
+    """(the parsed config.json, its path for messages) from a checkpoint directory or a config.json path."""
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        return json.loads(p.read_text()), str(p)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
 
 
 def _check_types(cfg: ModelConfig):

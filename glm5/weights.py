@@ -150,13 +150,18 @@ def load_into(model: torch.nn.Module, shards: dict[str, list[str]]) -> None:
         need = set(range(cfg.n_routed_experts)) if name.endswith(tuple(f"experts.{s}" for s in _EXPERT_STACKS)) else {None}
         for e in sorted(need - got, key=lambda x: -1 if x is None else x):
             missing.append(to_hf_names(name, cfg)[e if e is not None else 0][0])
+    where = os.path.dirname(next(iter(shards), "")) or "checkpoint"
+    raise_mismatch(where, missing, unexpected, wrong)
+
+
+def raise_mismatch(where: str, missing: list, unexpected: list, wrong: list) -> None:
+    """One error listing every missing, unexpected and wrongly shaped key (nothing if all three are empty)."""
     if missing or unexpected or wrong:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
-        where = os.path.dirname(next(iter(shards), "")) or "checkpoint"
         raise CheckpointError(f"{where}: checkpoint does not match the model config\n" + "\n".join(parts))
 
 

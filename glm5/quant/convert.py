@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig, read_hf_config
 from ..model.model import FP32_PARAM_SUFFIXES
 from ..weights import INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, atomic_write, checkpoint_files, to_hf_names
 from .fp8 import BLOCK, FP8, FP8Experts, FP8Linear, dequantize, quantize
@@ -40,15 +40,9 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, to: str = "fp8"
     if to not in TARGETS:
         raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
     src, out = Path(in_dir), Path(out_dir)
-    cfg_file = src / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{src}: no config.json")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+    hf, cfg_file = read_hf_config(src)
     cfg = ModelConfig.from_hf(hf)  # checks it is a GLM-5 config before any work
-    in_fmt = read_quant_config(hf, str(cfg_file))
+    in_fmt = read_quant_config(hf, cfg_file)
     if to == "fp8" and in_fmt is not None:
         raise CheckpointError(f"{src}: already FP8 (config.json has quantization_config); nothing to do")
     in_block = in_fmt.block if in_fmt is not None else block

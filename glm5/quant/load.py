@@ -22,10 +22,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig, read_hf_config
 from ..model.moe import Experts
 from ..weights import (_MTP_TIED_COPIES, CheckpointError, checkpoint_files, from_hf_name, has_mtp_weights,
-                       to_hf_names)
+                       raise_mismatch, to_hf_names)
 from .fp8 import BLOCK, FP8, FP8Experts, FP8Linear, dequantize, quantize, scale_shape
 from .format import FP8Format, quantized_by_release, read_quant_config
 
@@ -103,14 +103,8 @@ def load_fp8_model(path: str | Path, dtype: torch.dtype | None = None, device: s
     from ..api import build_model, default_dtype  # here, not at the top: glm5.api may route FP8 dirs to us
 
     p = Path(path)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{p}: no config.json")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
-    fmt = read_quant_config(hf, str(cfg_file))
+    hf, cfg_file = read_hf_config(p)
+    fmt = read_quant_config(hf, cfg_file)
     if fmt is None:
         raise CheckpointError(f"{cfg_file}: no quantization_config, not an FP8 checkpoint (use glm5.load_model)")
     cfg = ModelConfig.from_hf(cfg_file)
@@ -247,13 +241,7 @@ def _fill(model, shards, info, fp8_keys: set[str], fmt: FP8Format, where: str) -
         for e in sorted(need - got, key=lambda x: -1 if x is None else x):
             hf = to_hf_names(base, cfg)[e if e is not None else 0][0]
             missing.append(hf + (SCALE if name.endswith(SCALE) else ""))
-    if missing or unexpected or wrong:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
-        raise CheckpointError(f"{where}: checkpoint does not match the model config\n" + "\n".join(parts))
+    raise_mismatch(where, missing, unexpected, wrong)
 
 
 def _read_scale(f, shard: str, key: str, info) -> torch.Tensor:
