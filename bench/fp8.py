@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import re
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_stall_us  # bench/machine.py (python puts bench/ on sys.path)
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,20 +39,12 @@ from glm5.quant import (FP8Experts, FP8Linear, dequantize, kernels, load_fp8_mod
 from glm5.quant.fp8 import _expand  # noqa: E402
 
 
-def _stall_us() -> int | None:
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(re.search(r"^some .*total=(\d+)", f.read(), re.M).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
 def timed(fn):
     """(seconds, share of them during which other tasks waited for a CPU) of one fn() call."""
-    s0, t0 = _stall_us(), time.perf_counter()
+    s0, t0 = cpu_stall_us(), time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
-    return dt, (0.0 if s0 is None else (_stall_us() - s0) / 1e6 / dt)
+    return dt, (0.0 if s0 is None else (cpu_stall_us() - s0) / 1e6 / dt)
 
 
 def interleaved(fns: dict, reps: dict, rounds=7):
@@ -119,11 +111,11 @@ def decode_times(model, cfg, prompt, tokens):
             def step():
                 nonlocal tok
                 tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
-            s0, t0 = _stall_us(), time.perf_counter()
+            s0, t0 = cpu_stall_us(), time.perf_counter()
             step()
             dt = time.perf_counter() - t0
             times.append(dt)
-            stalls.append(0.0 if s0 is None else (_stall_us() - s0) / 1e6 / dt)
+            stalls.append(0.0 if s0 is None else (cpu_stall_us() - s0) / 1e6 / dt)
     return times, stalls
 
 

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name, cpu_stall_us, wait_quiet  # bench/machine.py (python puts bench/ on sys.path)
 
 MEM_METHOD_HWM = "VmHWM - VmRSS after resetting the high-water mark via /proc/self/clear_refs (fresh process per run)"
 MEM_METHOD_RU = "ru_maxrss increase across the forward (fresh process per run; not reset between repeats)"
@@ -83,37 +83,6 @@ class PeakMeter:
         return max(0, peak - self.base) / 1024
 
 
-def _cpu_stall_us() -> int | None:
-    """System-wide time (us) during which some runnable task waited for a CPU (PSI); None if unavailable."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(re.search(r"^some .*total=(\d+)", f.read(), re.M).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
-def _busy_cores(window_s: float = 0.5) -> float:
-    """Cores kept busy by the whole machine over a short window (this process sleeps meanwhile)."""
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4], sum(v)  # (busy, total) jiffies; idle and iowait excluded
-    (b0, t0), _ = sample(), time.sleep(window_s)
-    b1, t1 = sample()
-    return (b1 - b0) / max(1, t1 - t0) * os.cpu_count()
-
-
-def wait_quiet(max_wait_s: float, busy_limit: float = 0.2) -> float:
-    """Sleep until other processes leave the CPUs alone (or max_wait_s passes); returns the seconds waited."""
-    t0 = time.perf_counter()
-    try:
-        while _busy_cores() > busy_limit and time.perf_counter() - t0 < max_wait_s:
-            time.sleep(1.0)
-    except (OSError, ValueError):
-        pass
-    return time.perf_counter() - t0
-
-
 # -- worker -------------------------------------------------------------------------------------------------------
 def _load(side: str, ckpt: str):
     if side == "glm5":
@@ -149,11 +118,11 @@ def worker(args) -> None:
         while len(times) < args.repeats:
             waited += wait_quiet(args.max_wait)
             meter.start()
-            s0 = _cpu_stall_us()
+            s0 = cpu_stall_us()
             t0 = time.perf_counter()
             logits = _forward(args.side, model, ids)
             dt = time.perf_counter() - t0
-            s1 = _cpu_stall_us()
+            s1 = cpu_stall_us()
             peaks.append(meter.stop())
             del logits
             stall = (s1 - s0) / 1e6 / dt if s0 is not None else 0.0
@@ -186,14 +155,6 @@ def run_worker(side, ckpt, ids_path, args, save_logits=None) -> dict:
 
 
 # -- driver -------------------------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return re.search(r"Model name:\s+(.*)", out).group(1).strip()
-    except Exception:
-        return platform.processor() or "unknown"
-
-
 def _git_state() -> str:
     """HEAD of the glm5 checkout and whether glm5/ differs from it (others edit it while benchmarks run)."""
     root = Path(__file__).resolve().parent.parent
@@ -235,7 +196,7 @@ def main() -> None:
     print(f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     code = _git_state()
     print(f"glm5 code: {code}")
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__} "
           f"(num_threads={torch.get_num_threads()}), transformers {transformers.__version__}")
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # logits files (512 MB at 4096) stay off the disk
     with tempfile.TemporaryDirectory(prefix="glm5-prefill-", dir=shm) as tmp:

@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import re
 import statistics
 import subprocess
 import sys
@@ -48,40 +46,12 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name, cpu_stall_us, wait_quiet  # bench/machine.py (python puts bench/ on sys.path)
 
 SIDES = ("transformers", "transformers+fused", "glm5 pretrain", "glm5 pretrain+MTP", "glm5 sparse")
 
 
 # -- contention -------------------------------------------------------------------------------------------------------
-def _cpu_stall_us() -> int | None:
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(re.search(r"^some .*total=(\d+)", f.read(), re.M).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
-def _busy_cores(window_s: float = 0.5) -> float:
-    def sample():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v) - v[3] - v[4], sum(v)
-    b0, t0 = sample()
-    time.sleep(window_s)
-    b1, t1 = sample()
-    return (b1 - b0) / max(1, t1 - t0) * os.cpu_count()
-
-
-def wait_quiet(max_wait_s: float, busy_limit: float = 0.3) -> float:
-    t0 = time.perf_counter()
-    try:
-        while _busy_cores() > busy_limit and time.perf_counter() - t0 < max_wait_s:
-            time.sleep(1.0)
-    except (OSError, ValueError):
-        pass
-    return time.perf_counter() - t0
-
-
 # -- worker ---------------------------------------------------------------------------------------------------------
 def _make_steps(sides: list[str], ckpt: str, ids_BT1: torch.Tensor, bf16: bool = False) -> dict:
     """{side: step function}; a step runs forward, backward, clip and the optimizer. The two transformers sides share
@@ -160,12 +130,12 @@ def worker(args) -> None:
         for side in order[rounds % len(order):] + order[: rounds % len(order)]:
             if len(res[side]["times"]) >= args.steps:
                 continue
-            wait_quiet(args.max_wait)
-            s0 = _cpu_stall_us()
+            wait_quiet(args.max_wait, busy_limit=0.3)
+            s0 = cpu_stall_us()
             t0 = time.perf_counter()
             steps[side]()
             dt = time.perf_counter() - t0
-            s1 = _cpu_stall_us()
+            s1 = cpu_stall_us()
             stall = (s1 - s0) / 1e6 / dt if s0 is not None else 0.0
             room = args.steps + args.max_retries - rounds - 1 >= args.steps - len(res[side]["times"])
             if stall > args.max_stall and room:
@@ -184,7 +154,7 @@ def matmul_peak(threads: int, dtype=torch.float32, n: int = 2048, repeats: int =
     torch.mm(a, b)
     best = 0.0
     for _ in range(repeats):
-        wait_quiet(10)
+        wait_quiet(10, busy_limit=0.3)
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
@@ -223,14 +193,6 @@ def run_worker(sides, ckpt, ids_path, args) -> dict:
         sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
         raise RuntimeError(f"worker failed (rc={p.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
-
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return re.search(r"Model name:\s+(.*)", out).group(1).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -291,7 +253,7 @@ def main(argv=None) -> int:
     lines = [
         f"## Training (issue 4)\n",
         f"`bench/train.py --preset {args.preset} --batch {args.batch} --seq {args.seq} --steps {args.steps} "
-        f"--threads {args.threads} --autocast {args.autocast}` — {datetime.date.today()}, {_cpu_name()}, "
+        f"--threads {args.threads} --autocast {args.autocast}` — {datetime.date.today()}, {cpu_name()}, "
         f"torch {torch.__version__}, "
         f"{args.threads} threads; {peak_dtype} matmul peak measured here: {peak:.1f} GFLOP/s.\n",
         "One step = forward + backward + clip + AdamW, batch of "
