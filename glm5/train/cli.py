@@ -2,6 +2,7 @@
 TrainConfig field (--seq-len, --mtp-depth, ...; booleans as --progress / --no-progress).
 
     glm5 train --config run.toml --steps 200
+    glm5 sft --model runs/pre/checkpoints/step_00000200/model --data chats.jsonl --out-dir runs/sft
     python -m glm5.train.cli --model tiny --steps 50 --out-dir runs/t           # same, without the glm5 entry point
     torchrun --nproc-per-node 2 -m glm5.train.cli --config run.toml            # DDP (gloo on CPU)
 
@@ -60,11 +61,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    """Register `train` on the glm5 CLI's subparsers."""
+    """Register `train` and `sft` on the glm5 CLI's subparsers."""
     p = sub.add_parser("train", help="pre-train / DSA warm-up / sparse-stage training (single process or torchrun)")
     add_arguments(p)
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_train, sft=False)
+    s = sub.add_parser("sft", help="supervised fine-tuning on chats (loss on assistant tokens only); --data is a "
+                                   "JSONL file of {\"messages\": [...], \"tools\": [...]} objects")
+    add_arguments(s)
+    s.add_argument("--tokenizer", help="tokenizer directory (default: the --model directory's, else the shipped one)")
+    s.set_defaults(fn=cmd_train, sft=True)
     return p
+
+
+def sft_source(cfg: TrainConfig, tokenizer_dir: str | None):
+    from ..tokenizer import Tokenizer
+    from .sft import ChatDocs
+
+    if cfg.data == "synthetic":
+        raise ValueError("glm5 sft needs --data: a JSONL file of {\"messages\": [...], \"tools\": [...]} chats")
+    model_dir = Path(cfg.model)
+    if tokenizer_dir:
+        tok = Tokenizer.from_dir(tokenizer_dir)
+    elif (model_dir / "tokenizer.json").is_file():
+        tok = Tokenizer.from_dir(model_dir)
+    else:
+        tok = Tokenizer.default()
+    return ChatDocs(cfg.data, tok)
 
 
 def config_from_args(args) -> TrainConfig:
@@ -103,12 +125,13 @@ def cmd_train(args) -> int:
             cfg.progress = False
             logging.getLogger().setLevel(logging.WARNING)
     try:
-        rec = train(cfg)
+        source = sft_source(cfg, args.tokenizer) if getattr(args, "sft", False) else None
+        rec = train(cfg, source)
         if (not dist.is_initialized() or dist.get_rank() == 0) and rec:
-            print(f"glm5 train: step {rec['step']} loss {rec['loss']:.4f} -> {cfg.out_dir}")
+            print(f"glm5 {'sft' if getattr(args, 'sft', False) else 'train'}: step {rec['step']} loss {rec['loss']:.4f} -> {cfg.out_dir}")
         return 0
     except (CheckpointError, DataError, ValueError) as e:
-        print(f"glm5 train: error: {e}", file=sys.stderr)
+        print(f"glm5 {'sft' if getattr(args, 'sft', False) else 'train'}: error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

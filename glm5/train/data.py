@@ -1,6 +1,8 @@
 """Token-stream datasets and packing into fixed-size training rows.
 
-A *document source* is anything iterable that yields token-id documents (lists of ints or 1-D integer tensors).
+A *document source* is anything iterable that yields token-id documents: lists of ints, 1-D integer tensors, or
+{"ids": [...], "loss": [...]} where `loss[i]` says whether token i is a training target (SFT: assistant tokens only;
+absent = every token is).
 The data issue plugs its datasets in here; two small sources live in this file: `SyntheticDocs` (learnable,
 seeded, for tests and smoke runs) and `JsonlDocs` (one JSON list of token ids, or {"ids": [...]}, per line).
 
@@ -29,6 +31,7 @@ class Batch:
     tokens_BT1: torch.Tensor  # [B, T + 1] int64: inputs are [:, :T], labels come from [:, 1:]
     doc_BT1: torch.Tensor  # [B, T + 1] int64 segment id within the row (contiguous, non-decreasing)
     pos_BT1: torch.Tensor  # [B, T + 1] int64 position of the token inside its document
+    loss_BT1: torch.Tensor | None = None  # [B, T + 1] bool: the token is a training target (None: all are)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -43,10 +46,13 @@ class Batch:
         return self.pos_BT1[:, :-1]
 
     def rows(self, start: int, stop: int) -> "Batch":
-        return Batch(self.tokens_BT1[start:stop], self.doc_BT1[start:stop], self.pos_BT1[start:stop])
+        return Batch(*(None if t is None else t[start:stop] for t in self._tensors()))
 
     def to(self, device) -> "Batch":
-        return Batch(self.tokens_BT1.to(device), self.doc_BT1.to(device), self.pos_BT1.to(device))
+        return Batch(*(None if t is None else t.to(device) for t in self._tensors()))
+
+    def _tensors(self) -> tuple:
+        return self.tokens_BT1, self.doc_BT1, self.pos_BT1, self.loss_BT1
 
 
 class DataError(ValueError):
@@ -81,7 +87,8 @@ class SyntheticDocs:
 
 
 class JsonlDocs:
-    """One document per line: a JSON list of token ids, or an object with an "ids" list."""
+    """One document per line: a JSON list of token ids, or an object with an "ids" list (and optionally a "loss"
+    list of booleans, one per id)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -100,10 +107,29 @@ class JsonlDocs:
                 ids = obj.get("ids") if isinstance(obj, dict) else obj
                 if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                     raise DataError(f"{self.path}:{lineno}: expected a list of token ids or {{\"ids\": [...]}}")
-                yield ids
+                if isinstance(obj, dict) and "loss" in obj:
+                    yield {"ids": ids, "loss": obj["loss"]}
+                else:
+                    yield ids
 
     def __iter__(self):
         return self.iter_from(0)
+
+
+def split_doc(doc, where: str) -> tuple[list[int], list[bool] | None]:
+    """A document as (token ids, per-token loss flags or None)."""
+    loss = None
+    if isinstance(doc, dict):
+        doc, loss = doc.get("ids"), doc.get("loss")
+        if doc is None:
+            raise DataError(f"{where}: a dict document needs an \"ids\" list")
+    doc = doc.tolist() if isinstance(doc, torch.Tensor) else list(doc)
+    if loss is not None:
+        loss = loss.tolist() if isinstance(loss, torch.Tensor) else list(loss)
+        if len(loss) != len(doc) or not all(isinstance(x, (bool, int)) for x in loss):
+            raise DataError(f"{where}: \"loss\" must hold one boolean per token ({len(doc)}), got {len(loss)} values")
+        loss = [bool(x) for x in loss]
+    return doc, loss
 
 
 def _docs_from(source, index: int, epoch: int) -> Iterator:
@@ -130,6 +156,7 @@ class Packer:
         self.epoch, self.doc_index, self.offset = 0, 0, 0  # the next token to pack: doc `doc_index`, `offset` in it
         self._it: Iterator | None = None
         self._cur: list[int] | None = None
+        self._cur_loss: list[bool] | None = None
 
     # state --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -151,7 +178,7 @@ class Packer:
                     return None
                 self.epoch, self.doc_index, self.offset, self._it = self.epoch + 1, 0, 0, None
                 continue
-            doc = doc.tolist() if isinstance(doc, torch.Tensor) else list(doc)
+            doc, loss = split_doc(doc, f"document {self.doc_index} (epoch {self.epoch})")
             if not doc:  # empty documents carry no tokens: skip them
                 self.doc_index += 1
                 continue
@@ -159,7 +186,7 @@ class Packer:
                 bad = next(t for t in doc if not 0 <= t < self.vocab_size)
                 raise DataError(f"document {self.doc_index} (epoch {self.epoch}) has token id {bad} outside "
                                 f"[0, {self.vocab_size})")
-            self._cur = doc
+            self._cur, self._cur_loss = doc, loss
         return self._cur
 
     def next_batch(self) -> Batch | None:
@@ -167,6 +194,7 @@ class Packer:
         tok = torch.empty(self.rows, W, dtype=torch.long)
         doc = torch.empty(self.rows, W, dtype=torch.long)
         pos = torch.empty(self.rows, W, dtype=torch.long)
+        loss = torch.ones(self.rows, W, dtype=torch.bool)
         saved = (self.epoch, self.doc_index, self.offset)
         for b in range(self.rows):
             filled, seg = 0, 0
@@ -179,6 +207,8 @@ class Packer:
                 tok[b, filled:filled + n] = torch.tensor(d[self.offset:self.offset + n])
                 doc[b, filled:filled + n] = seg
                 pos[b, filled:filled + n] = torch.arange(self.offset, self.offset + n)
+                if self._cur_loss is not None:
+                    loss[b, filled:filled + n] = torch.tensor(self._cur_loss[self.offset:self.offset + n])
                 filled, seg, self.offset = filled + n, seg + 1, self.offset + n
                 if self.offset == len(d):
                     self.doc_index, self.offset, self._cur = self.doc_index + 1, 0, None
@@ -187,4 +217,4 @@ class Packer:
             # overlap: that last token's label would lie in another document and is masked anyway.)
             if self.offset > 0:
                 self.offset -= 1
-        return Batch(tok, doc, pos)
+        return Batch(tok, doc, pos, loss)

@@ -206,9 +206,10 @@ def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, source=None) -> dict:
+def train(cfg: TrainConfig, source=None, on_step=None) -> dict:
     """Run cfg.steps optimizer steps (continuing from a checkpoint with cfg.resume). `source`: any iterable of
-    token-id documents (see data.py); default from cfg.data. Returns the last step's metrics."""
+    token-id documents (see data.py); default from cfg.data. `on_step(record)` is called on rank 0 after every step
+    (e.g. a caller's own progress display). Returns the last step's metrics."""
     rank, world = dist_info()
     cfg.validate(world)
     device = torch.device(cfg.device)
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig, source=None) -> dict:
             break
         lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
         set_lr(opt, lr)
-        den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, cfg.mtp_depth)
+        den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, cfg.mtp_depth, batch.loss_BT1)
         mine = batch.rows(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
 
         sums: dict[str, torch.Tensor] = {}
@@ -290,7 +291,7 @@ def train(cfg: TrainConfig, source=None) -> dict:
             sync = net.no_sync() if (world > 1 and not fsdp and not last) else contextlib.nullcontext()
             with sync:
                 with amp:
-                    total, losses, stats = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den)
+                    total, losses, stats = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, mb.loss_BT1)
                 # DDP / FSDP average gradients over ranks; the losses are already global means: undo the average.
                 (total * world).backward()
             for k, v in {"loss": total, **losses}.items():
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig, source=None) -> dict:
         if cfg.stage == "sparse" and cfg.recall_every and (step + 1) % cfg.recall_every == 0:
             mb = mine.rows(0, micro)
             with torch.no_grad():  # outside the wrapper too: DDP must not expect a backward for this forward
-                s, n = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, probe_recall=True)
+                s, n = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, None, probe_recall=True)
             sums["recall_sum"], sums["recall_n"] = s, torch.tensor(float(n))
         keys = sorted(sums)
         vec = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).reshape(()) for k in keys]),
@@ -337,6 +338,8 @@ def train(cfg: TrainConfig, source=None) -> dict:
         if metrics_f:
             metrics_f.write(json.dumps(record) + "\n")
             metrics_f.flush()
+        if on_step is not None and rank == 0:
+            on_step(record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_per_s']:.0f}")
             bar.update(1)

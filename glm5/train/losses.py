@@ -29,12 +29,16 @@ STAGES = ("pretrain", "dsa_warmup", "sparse")
 
 
 # -- labels and plain losses ----------------------------------------------------------------------------------------
-def shifted_labels(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, shift: int, n: int) -> torch.Tensor:
+def shifted_labels(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, shift: int, n: int,
+                   loss_BT1: torch.Tensor | None = None) -> torch.Tensor:
     """Labels [B, n] for predicting token t + shift from position t: IGNORE where that token lies in another
-    document (packed rows), so neither the next-token head nor any MTP depth learns across a boundary."""
+    document (packed rows), so neither the next-token head nor any MTP depth learns across a boundary, and where the
+    token is not a training target (loss_BT1 False: SFT prompts, tool results)."""
     lab_Bn = tokens_BT1[:, shift:shift + n]
-    same_Bn = doc_BT1[:, shift:shift + n] == doc_BT1[:, :n]
-    return lab_Bn.masked_fill(~same_Bn, IGNORE)
+    keep_Bn = doc_BT1[:, shift:shift + n] == doc_BT1[:, :n]
+    if loss_BT1 is not None:
+        keep_Bn = keep_Bn & loss_BT1[:, shift:shift + n]
+    return lab_Bn.masked_fill(~keep_Bn, IGNORE)
 
 
 def ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -85,14 +89,15 @@ def keep_mask(index_BTS: torch.Tensor, topk_BTK: torch.Tensor | None) -> torch.T
     return visible_BTS & torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
 
 
-def loss_denominators(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, mtp_depth: int) -> dict[str, float]:
+def loss_denominators(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, mtp_depth: int,
+                      loss_BT1: torch.Tensor | None = None) -> dict[str, float]:
     """Global counts for one optimizer step, from the whole step batch (identical on every rank)."""
     B, W = tokens_BT1.shape
     T = W - 1
     den = {"rows": float(B), "queries": float(B * T)}
     for d in range(mtp_depth + 1):  # depth 0 = next token; depth d predicts token t + 1 + d
         n = T - d
-        den[f"labels{d}"] = float(max(1, int((shifted_labels(tokens_BT1, doc_BT1, d + 1, n) != IGNORE).sum())))
+        den[f"labels{d}"] = float(max(1, int((shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1) != IGNORE).sum())))
         den[f"queries{d}"] = float(B * n)
     return den
 
@@ -117,7 +122,7 @@ class ForwardLoss(nn.Module):
         dsa = self.stage != "pretrain"
         return ForwardAux(want_index_scores=dsa, want_attn_probs=dsa, detach_indexer_input=dsa)
 
-    def forward(self, tokens_BT1, doc_BT1, pos_BT1, den: dict, probe_recall: bool = False):
+    def forward(self, tokens_BT1, doc_BT1, pos_BT1, den: dict, loss_BT1=None, probe_recall: bool = False):
         if probe_recall:
             return self.probe_recall(tokens_BT1, doc_BT1, pos_BT1)
         model, cfg = self.model, self.model.config
@@ -125,7 +130,7 @@ class ForwardLoss(nn.Module):
         B, T = ids_BT.shape
         auxes = [self._aux()]
         h_BTD = model.hidden(ids_BT, pos_BT, None, doc_BT, auxes[0])
-        losses = {"lm": ce_sum(model.lm_head(h_BTD), shifted_labels(tokens_BT1, doc_BT1, 1, T)) / den["labels0"]}
+        losses = {"lm": ce_sum(model.lm_head(h_BTD), shifted_labels(tokens_BT1, doc_BT1, 1, T, loss_BT1)) / den["labels0"]}
         # MTP: one shared layer applied at every depth (GLM-5 trains 3 depths on one layer's parameters). Depth d
         # takes the previous depth's hidden at t and token t + d, and predicts token t + d + 1.
         h_prev = h_BTD
@@ -135,7 +140,7 @@ class ForwardLoss(nn.Module):
             auxes.append(self._aux())
             logits, h_prev = model.mtp_step(h_prev[:, :n], tokens_BT1[:, d:d + n], pos_BT[:, :n], 0, None,
                                             doc_BT[:, :n], auxes[-1])
-            mtp.append(ce_sum(logits, shifted_labels(tokens_BT1, doc_BT1, d + 1, n)) / den[f"labels{d}"])
+            mtp.append(ce_sum(logits, shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1)) / den[f"labels{d}"])
         if mtp:
             losses["mtp"] = torch.stack(mtp).mean()
 

@@ -1,0 +1,82 @@
+"""Supervised fine-tuning data: chats rendered with GLM-5's template into token documents whose loss mask covers
+exactly what the assistant writes. The training loop is the pre-training one (`train(cfg, source=ChatDocs(...))`):
+only the labels differ, through the per-token `loss` flags of each document (see data.py).
+
+What the assistant writes, per assistant turn: its reasoning block, its content and its tool calls (the tokens the
+renderer marks as inside the turn), plus the one token that ends the turn (the next turn's `<|user|>` or
+`<|observation|>`, or `<|endoftext|>` appended after the last turn): the model must learn to stop. The system
+prompt, the user turns, the tool results and the `<|assistant|>` tag itself are context, never targets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from ..chat import render_chat
+from ..tokenizer import Tokenizer
+from .data import DataError
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def chat_doc(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> dict:
+    """{"ids": [...], "loss": [...]} for one conversation (see the module docstring for what is a target)."""
+    r = render_chat(tok, messages, tools, add_generation_prompt=False, template="builtin")
+    ids, gen = list(r.ids), list(r.assistant_mask)
+    if messages and messages[-1].get("role") == "assistant":
+        ids.append(tok.token_id(END_OF_TEXT))
+        gen.append(False)
+    loss = [g or (i > 0 and gen[i - 1]) for i, g in enumerate(gen)]  # the turn's text and the token that ends it
+    return {"ids": ids, "loss": loss}
+
+
+class ChatDocs:
+    """A document source of rendered chats: from a list of (messages, tools) pairs or Examples (anything with
+    `.messages` and `.tools`), or a JSONL file with one {"messages": [...], "tools": [...]} object per line."""
+
+    def __init__(self, chats, tok: Tokenizer):
+        self.tok = tok
+        self.path = None
+        if isinstance(chats, (str, Path)):
+            self.path = Path(chats)
+            if not self.path.is_file():
+                raise DataError(f"{self.path}: no such chat file")
+            self.chats = None
+        else:
+            self.chats = [(c.messages, c.tools) if hasattr(c, "messages") else tuple(c) for c in chats]
+
+    def _chats(self) -> Iterator[tuple[str, list, list | None]]:
+        if self.chats is not None:
+            for i, (m, t) in enumerate(self.chats):
+                yield f"chat {i}", m, t
+            return
+        with self.path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{self.path}:{lineno}: not valid JSON ({e})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                    raise DataError(f"{self.path}:{lineno}: expected {{\"messages\": [...], \"tools\": [...]}}")
+                yield f"{self.path}:{lineno}", obj["messages"], obj.get("tools")
+
+    def iter_from(self, index: int, epoch: int = 0) -> Iterator[dict]:
+        from ..chat import ChatFormatError
+
+        for i, (where, messages, tools) in enumerate(self._chats()):
+            if i < index:
+                continue
+            try:
+                doc = chat_doc(self.tok, messages, tools)
+            except ChatFormatError as e:
+                raise DataError(f"{where}: {e}") from None
+            if not any(doc["loss"]):
+                raise DataError(f"{where}: no assistant turn, so nothing to learn")
+            yield doc
+
+    def __iter__(self):
+        return self.iter_from(0)

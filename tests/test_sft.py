@@ -1,0 +1,113 @@
+"""SFT: the loss mask covers exactly what the assistant writes (and the token ending each of its turns); the
+packed labels follow it; `glm5 sft` runs on a JSONL of chats."""
+
+import json
+
+import pytest
+import torch
+
+from glm5.tokenizer import Tokenizer
+from glm5.train.data import DataError, Packer
+from glm5.train.losses import IGNORE, shifted_labels
+from glm5.train.sft import ChatDocs, chat_doc
+
+CALC = {"type": "function", "function": {"name": "calculator", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}}}}
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 123 * 456?"},
+    {"role": "assistant", "reasoning_content": "Large: use the tool.", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "123 * 456"}}}]},
+    {"role": "tool", "content": "56088"},
+    {"role": "assistant", "reasoning_content": "The tool says 56088.", "content": "123 * 456 = 56088."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.default()
+
+
+def runs(ids, loss, tok):
+    """The decoded maximal runs of target tokens and of context tokens, in order."""
+    out, cur, flag = [], [], None
+    for i, l in zip(ids, loss):
+        if flag is not None and l != flag:
+            out.append((flag, tok.decode(cur)))
+            cur = []
+        cur.append(i)
+        flag = l
+    out.append((flag, tok.decode(cur)))
+    return out
+
+
+def test_mask_covers_exactly_the_assistant_tokens(tok):
+    d = chat_doc(tok, CHAT, [CALC])
+    assert len(d["ids"]) == len(d["loss"])
+    targets = [text for flag, text in runs(d["ids"], d["loss"], tok) if flag]
+    assert targets == [
+        "<think>Large: use the tool.</think><tool_call>calculator<arg_key>expression</arg_key><arg_value>123 * 456"
+        "</arg_value></tool_call><|observation|>",
+        "<think>The tool says 56088.</think>123 * 456 = 56088.<|endoftext|>",
+    ]
+    context = "".join(text for flag, text in runs(d["ids"], d["loss"], tok) if not flag)
+    assert "<tool_response>56088</tool_response>" in context  # the tool result is context, never a target
+    assert context.endswith("<|assistant|>") and "Be brief." in context and "What is 123 * 456?" in context
+
+
+def test_packed_labels_follow_the_mask(tok):
+    docs = ChatDocs([(CHAT, [CALC]), ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
+                                      None)], tok)
+    want = [chat_doc(tok, m, t) for m, t in docs.chats]
+    T = len(want[0]["ids"]) + 5  # rows hold a whole chat, the next one, and wrap around
+    b = Packer(docs, rows=2, seq_len=T, repeat=True).next_batch()
+    lab = shifted_labels(b.tokens_BT1, b.doc_BT1, 1, T, b.loss_BT1)
+    # Stream the docs as the packer does and check every label against the doc's own flags.
+    flat_ids = [i for d in want for i in d["ids"]] * 3
+    flat_loss = [l for d in want for l in d["loss"]] * 3
+    n_checked = 0
+    for r in range(2):
+        for t in range(T):
+            tok_next = int(b.tokens_BT1[r, t + 1])
+            if b.doc_BT1[r, t + 1] != b.doc_BT1[r, t]:
+                assert lab[r, t] == IGNORE
+                continue
+            assert (lab[r, t] != IGNORE) == bool(b.loss_BT1[r, t + 1])
+            if lab[r, t] != IGNORE:
+                assert lab[r, t] == tok_next
+                n_checked += 1
+    assert n_checked > 10
+    total = sum(len(d["ids"]) for d in want)
+    assert b.loss_BT1[0].tolist() == [bool(x) for x in flat_loss[:T + 1]]
+    assert b.tokens_BT1[0].tolist() == flat_ids[:T + 1] and total > 0
+
+
+def test_bad_chats_are_refused(tok, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    with pytest.raises(DataError, match="no assistant turn"):
+        next(iter(ChatDocs(p, tok)))
+    p.write_text("{not json\n")
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        next(iter(ChatDocs(p, tok)))
+    with pytest.raises(DataError, match="loss"):
+        next(iter(Packer([{"ids": [1, 2, 3], "loss": [True]}], rows=1, seq_len=2).next_batch() for _ in [0]))
+
+
+def test_glm5_sft_cli_runs(tok, tmp_path):
+    from glm5.cli import main
+
+    data = tmp_path / "chats.jsonl"
+    with data.open("w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                             {"role": "assistant", "content": f"{i} + 1 = {i + 1}."}]}) + "\n")
+    cfg = tmp_path / "model.json"
+    from glm5.config import tiny
+    cfg.write_text(json.dumps(tiny().replace(vocab_size=len(tok)).to_hf()))
+    rc = main(["sft", "--model", str(cfg), "--data", str(data), "--out-dir", str(tmp_path / "run"), "--steps", "3",
+               "--seq-len", "32", "--batch-size", "2", "--no-progress", "--no-plots", "--threads", "1"])
+    assert rc == 0
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    assert (tmp_path / "run" / "checkpoints").is_dir()
