@@ -61,6 +61,7 @@ def chat_mixture(split: str, n: int, seed: int = 0, weights: dict[str, float] | 
     return [next(pools[f]) for f in order]
 
 
-__all__ = ["ABSTAIN", "ATTRIBUTES", "DEFAULT_WEIGHTS", "FAMILIES", "KINDS", "SPLITS", "Entity", "Example", "World",
-           "add_steps", "approx_tokens", "calculator", "chat_mixture", "encyclopedia", "examples", "mul_steps",
-           "natural_text", "pretrain_texts", "sub_steps", "world"]
+__all__ = ["ABSTAIN", "ATTRIBUTES", "DEFAULT_WEIGHTS", "FAMILIES", "GENERATORS", "KINDS", "SPLITS", "Entity", "Example",
+           "World", "add_steps", "approx_tokens", "arithmetic", "calculator", "chat", "chat_mixture", "encyclopedia",
+           "examples", "mul_steps", "natural_text", "pretrain_texts", "retrieval", "sub_steps", "tool",
+           "unknown_family", "world", "world_family"]

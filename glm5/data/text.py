@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Callable, Iterator
 
 from ..tokenizer_train import pydoc_topics, stdlib_docstrings
-from .common import check_split, rng_for, split_of
+from .common import check_split, draw, rng_for, split_of
 from .example import Example
 from .world import encyclopedia, invent_name, world
 
@@ -72,11 +72,9 @@ def _cut(p: str, budget: int, count: Callable[[str], int]) -> str:
 
 def needle_name(rng: random.Random, split: str, world_seed: int) -> str:
     words = world(world_seed).words
-    while True:
-        name = invent_name(rng, rng.choice(("city", "country", "person")))
-        if (not any(w in words for w in name.split())
-                and split_of(f"needle {name}", RETRIEVAL_HELDOUT_PERCENT) == split):
-            return name
+    return draw(rng, lambda name: (not any(w in words for w in name.split())
+                                   and split_of(f"needle {name}", RETRIEVAL_HELDOUT_PERCENT) == split),
+                lambda r: invent_name(r, r.choice(("city", "country", "person"))), f"{split} needle name")
 
 
 def retrieval_example(rng: random.Random, split: str, context_tokens: int, depth: float,

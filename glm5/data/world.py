@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
-from .common import check_split, rng_for, split_of
+from .common import check_split, draw, rng_for, split_of
 from .example import ABSTAIN, Example
 
 KINDS = {"country": 24, "city": 96, "company": 60, "person": 60}
@@ -98,13 +98,10 @@ def invent_name(rng: random.Random, kind: str) -> str:
 
 
 def _fresh_name(rng: random.Random, kind: str, used: set[str]) -> str:
-    suffixes = set(COMPANY_SUFFIXES)
-    while True:
-        name = invent_name(rng, kind)
-        words = [w for w in name.split() if w not in suffixes]
-        if len(name) >= 4 and not any(w in used for w in words):
-            used.update(words)
-            return name
+    name = draw(rng, lambda n: len(n) >= 4 and not any(w in used for w in n.split()),
+                lambda r: invent_name(r, kind), f"fresh {kind} name")
+    used.update(w for w in name.split() if w not in COMPANY_SUFFIXES)
+    return name
 
 
 # ------------------------------------------------------------------------------------------------------- world
@@ -123,20 +120,20 @@ class World:
     seed: int
     entities: tuple[Entity, ...]
 
-    @property
+    @cached_property  # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass
     def by_name(self) -> dict[str, Entity]:
         return {e.name: e for e in self.entities}
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
-    @property
+    @cached_property
     def names(self) -> frozenset[str]:
         """Every name in the world: entities and the invented values (rivers, currencies)."""
         return frozenset(e.name for e in self.entities) | frozenset(
             v for e in self.entities for a, v in e.attrs if a in ("river", "currency"))
 
-    @property
+    @cached_property
     def words(self) -> frozenset[str]:
         return frozenset(w for n in self.names for w in n.split() if w not in COMPANY_SUFFIXES)
 
@@ -251,11 +248,9 @@ def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list
 def unknown_name(rng: random.Random, kind: str, w: World, split: str) -> str:
     """A name styled like `kind` that shares no word with the world and whose hash puts it in `split`."""
     words = w.words
-    while True:
-        name = invent_name(rng, kind)
-        if (len(name) >= 4 and not any(part in words for part in name.split())
-                and split_of(f"unknown {name}", UNKNOWN_HELDOUT_PERCENT) == split):
-            return name
+    return draw(rng, lambda name: (len(name) >= 4 and not any(part in words for part in name.split())
+                                   and split_of(f"unknown {name}", UNKNOWN_HELDOUT_PERCENT) == split),
+                lambda r: invent_name(r, kind), f"{split} unknown {kind} name")
 
 
 def unknown_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list[Example]:
