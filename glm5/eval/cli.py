@@ -1,0 +1,119 @@
+"""`glm5 eval`: held-out suites through the engine, a markdown table on stdout, optionally the full JSON.
+
+    glm5 eval [--model DIR] [--tokenizer DIR] [--n 100] [--seed 0] [--suites arithmetic,world,...]
+              [--retrieval-lengths 1024,2048,4096] [--max-tokens 256] [--json out.json]
+
+glm5/cli.py calls `add_parser(sub)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data.example import FAMILIES
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        out = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not out or not all(0 <= x <= 1 for x in out):
+        raise argparse.ArgumentTypeError(f"depths must be in [0, 1], got {s!r}")
+    return out
+
+
+def _suites(s: str) -> list[str]:
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in out if x not in FAMILIES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(bad) or '(none)'}; choose from "
+                                         f"{', '.join(FAMILIES)}")
+    return out
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="held-out evaluation: accuracy, hallucination, sparse vs dense retrieval, "
+                       "tool use, MTP draft acceptance")
+    p.add_argument("--model", default=None, help="checkpoint directory or preset (tiny, small: random weights). "
+                   "Default: the model shipped in the package")
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--n", type=int, default=100, help="examples per suite (retrieval: spread over the grid)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--suites", type=_suites, default=list(FAMILIES), help=f"comma-separated ({','.join(FAMILIES)})")
+    p.add_argument("--retrieval-lengths", type=_ints, default=[1024, 2048, 4096], help="context tokens")
+    p.add_argument("--retrieval-depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depth in [0, 1]")
+    p.add_argument("--max-tokens", type=int, default=256, help="per generation round")
+    p.add_argument("--no-mtp", action="store_true", help="skip measuring MTP draft acceptance")
+    p.add_argument("--cache-mib", type=int, default=None, help="KV cache budget in MiB (default 1024)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write the full result (with per-example records) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_eval)
+    return p
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from ..config import ConfigError
+    from ..server.launch import ASSET_MODEL_DIR, load_for_serving
+    from .report import format_table, write_json
+    from .run import evaluate
+
+    if args.n < 1 or args.max_tokens < 1:
+        print("glm5 eval: error: --n and --max-tokens must be >= 1", file=sys.stderr)
+        return 2
+    spec = args.model
+    if spec is None:
+        if not (ASSET_MODEL_DIR / "config.json").is_file():
+            raise ConfigError(f"no shipped model at {ASSET_MODEL_DIR} (config.json missing): pass --model DIR "
+                              f"(a trained checkpoint) or a preset (tiny, small) to evaluate random weights")
+        spec = ASSET_MODEL_DIR
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_for_serving(spec, tokenizer_dir=args.tokenizer, device=args.device)
+    if loaded.untrained:
+        print(loaded.banner(), file=sys.stderr)
+    result = evaluate(loaded.model, loaded.tokenizer, n=args.n, seed=args.seed, max_tokens=args.max_tokens,
+                      families=args.suites, retrieval_lengths=args.retrieval_lengths,
+                      retrieval_depths=args.retrieval_depths, mtp=not args.no_mtp,
+                      cache_bytes=None if args.cache_mib is None else args.cache_mib << 20, progress=not args.quiet)
+    result["model"] = {"name": loaded.name, "source": loaded.source, "untrained": loaded.untrained}
+    print(f"glm5 eval: {loaded.name} ({loaded.source}), n={args.n}, seed={args.seed}, "
+          f"{result['seconds']:.0f} s\n")
+    print(format_table(result))
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="glm5")
+    add_parser(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    from ..config import ConfigError
+    from ..tokenizer import TokenizerError
+    from ..weights import CheckpointError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, CheckpointError, TokenizerError) as e:
+        print(f"glm5 {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
