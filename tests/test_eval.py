@@ -404,3 +404,37 @@ def test_default_suites_and_cli(tok, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["model"]["untrained"] is True and res["tool"]["n"] == 1
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
+    model = glm5.load_model(tiny().replace(vocab_size=tok.vocab_size))
+    with pytest.raises(ValueError, match="unknown families"):
+        evaluate(model, tok, {"x": [ex("poetry", "q", "a")]}, progress=False, cache_bytes=1 << 22)
+
+
+def test_gold_answers_score_right_through_the_eval_path(tok):
+    # The generators' own gold turns, replayed as the "generation" through run_suite (render, decode, parse, tool
+    # loop, score): every family must come out right and every gold tool call valid.
+    from glm5.chat import render_chat
+    from glm5.data import calculator, examples
+
+    exs = [e for fam in ("arithmetic", "world", "unknown", "tool", "chat") for e in examples(fam, "heldout", 3, 1)]
+    exs += examples("retrieval", "heldout", 2, 1, context_tokens=96, depth=0.5)
+    gold = {}
+    for e in exs:
+        for i, m in enumerate(e.messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = render_chat(tok, e.messages[:i], e.tools).ids
+            full = render_chat(tok, e.messages[:i + 1], e.tools, add_generation_prompt=False).ids
+            assert full[:len(prompt)] == prompt
+            gold[tok.decode(prompt)] = tok.decode(full[len(prompt):]) + \
+                ("<|observation|>" if m.get("tool_calls") else "<|user|>")
+    model = glm5.load_model(tiny().replace(vocab_size=tok.vocab_size))
+    recs = []
+    for fam in ("arithmetic", "world", "unknown", "tool", "chat", "retrieval"):
+        eng = ScriptedEngine(tok, lambda p: gold[p])  # KeyError: the eval built a prompt the gold chat never had
+        recs += run_suite(eng, model, tok, fam, [e for e in exs if e.family == fam], max_tokens=4000,
+                          calculator=calculator, mtp=False, progress=False)
+    s = summarize(recs)
+    assert {k: v["accuracy"] for k, v in s["suites"].items()} == {f: 1.0 for f in s["suites"]}
+    assert s["tool"] == {"n": 3, "valid_call_rate": 1.0, "final_accuracy": 1.0}
+    assert s["hallucination"]["unknown"] == {"wrong": 0, "abstained": 3, "rate": 0.0}
+    assert [r["rounds"] for r in recs if r["family"] == "tool"] == [2, 2, 2]

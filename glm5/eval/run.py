@@ -13,15 +13,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from contextlib import contextmanager
-from typing import Callable
-
 import torch
 
 from ..chat import render_chat
 from ..chat_parse import parse_output
 from ..data.example import FAMILIES, Example
 from ..model.mla import MLAttention
-from .score import run_tool_call, score, summarize
+from .score import run_tool_call, score, summarize, valid_first_call
 
 RETRIEVAL_LENGTHS = (1024, 2048, 4096)
 RETRIEVAL_DEPTHS = (0.1, 0.5, 0.9)
@@ -99,7 +97,7 @@ def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, batch_tokens: in
 
 
 # ------------------------------------------------------------------------------------------------------ generation
-def _generate(engine, prompts: list[list[int]], max_tokens: int, on_done: Callable[[int], None] | None = None):
+def _generate(engine, prompts: list[list[int]], max_tokens: int):
     """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason). Prompts that do not fit
     the engine get (None, reason)."""
     from ..engine import SamplingParams
@@ -118,8 +116,6 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, on_done: Callab
             acc[o.request_id] += o.new_token_ids
             if o.finished:
                 results[rid_to_i[o.request_id]] = (acc[o.request_id], o.finish_reason)
-                if on_done is not None:
-                    on_done(rid_to_i[o.request_id])
     return results
 
 
@@ -155,8 +151,7 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                                       parse_tools=bool(ex.tools), make_id=lambda k: f"call_{k}")
                 rec["output_tokens"] = rec.get("output_tokens", 0) + len(ids)
                 if ex.tools and rnd == 0:
-                    rec["tool_valid"] = bool(parsed.tool_calls) and calculator is not None and \
-                        run_tool_call(parsed.tool_calls[0], ex.tools, calculator)[1]
+                    rec["tool_valid"] = calculator is not None and valid_first_call(parsed, ex.tools, calculator)
                 if ex.tools and parsed.tool_calls and finish == "stop" and rnd < max_tool_rounds:
                     if calculator is None:
                         raise ValueError(f"suite {name!r} offers tools but no calculator was given")
@@ -177,6 +172,11 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                 break
     finally:
         bar.close()
+    for ex, rec in zip(examples, recs):
+        if ex.family == "retrieval":  # the grid cell: as asked (default_suites), else as generated, else measured
+            m = ex.meta
+            rec["context_tokens"] = m.get("length_bucket", m.get("context_tokens", rec.get("prompt_tokens")))
+            rec["depth"] = m.get("depth_bucket", m.get("depth"))
     if mtp and len(model.mtp):
         flat = [(i, s) for i, ss in enumerate(seqs) for s in ss]
         got = mtp_acceptance(model, [s for _, s in flat])
@@ -226,6 +226,9 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     if suites is None:
         suites = default_suites(families, n=n, seed=seed, tokenizer=tokenizer, lengths=retrieval_lengths,
                                 depths=retrieval_depths)
+    bad = sorted({f"{name}: {ex.family!r}" for name, exs in suites.items() for ex in exs if ex.family not in FAMILIES})
+    if bad:  # before any generation: scoring would fail only after the work is done
+        raise ValueError(f"examples of unknown families ({', '.join(bad)}); known: {', '.join(FAMILIES)}")
     if calculator is None and any(ex.tools for exs in suites.values() for ex in exs):
         from ..data import calculator
     # As glm5.server.launch.build_engine, minus stop strings (none here): stops on the tokenizer's turn-end tokens,
@@ -252,10 +255,6 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
                 with attention_mode(model, mode, k):
                     recs = run_suite(engine, model, tokenizer, f"{name}/{mode}", exs,
                                      extra={"mode": mode, "index_topk": k}, **kw)
-                for r, ex in zip(recs, exs):
-                    meta = ex.meta
-                    r["context_tokens"] = meta.get("length_bucket", meta.get("context_tokens", r.get("prompt_tokens")))
-                    r["depth"] = ex.meta.get("depth_bucket", ex.meta.get("depth"))
                 records += recs
             engine.blocks.reset_prefix_cache()
         else:

@@ -115,10 +115,12 @@ def run_tool_call(call: dict, tools: list[dict] | None, calculator: Callable[[st
     offered = {t.get("function", t).get("name") for t in tools or ()}
     if name not in offered:
         return f"error: unknown tool {name!r} (offered: {', '.join(sorted(map(str, offered)))})", False
-    try:
-        args = json.loads(fn.get("arguments") or "{}")
-    except ValueError:
-        return "error: arguments are not a JSON object", False
+    args = fn.get("arguments") or {}
+    if isinstance(args, str):  # the OpenAI wire format (chat_parse's output); gold messages may hold the object
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return "error: arguments are not a JSON object", False
     key = tool_param(tools, name)
     expr = args.get(key) if isinstance(args, dict) else None
     if not isinstance(expr, (str, int, float)) or isinstance(expr, bool):
