@@ -7,8 +7,8 @@ import sys
 import time
 
 
-# serve / chat / generate, train, quantize
-SUBCOMMAND_MODULES = ("glm5.server.cli", "glm5.train.cli", "glm5.quant.cli")
+# serve / chat / generate, train / sft, quantize, speedrun, eval
+SUBCOMMAND_MODULES = ("glm5.server.cli", "glm5.train.cli", "glm5.quant.cli", "glm5.speedrun.cli", "glm5.eval.cli")
 
 
 def cmd_inspect(args) -> int:

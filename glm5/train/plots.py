@@ -81,7 +81,8 @@ def write_plots(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         if x_kl:
             ax.plot(x_kl, y_kl, color="C0", label="indexer KL")
-            ax.set_yscale("log")
+            if min(y_kl) > 0:  # KL is exactly 0 while every query keeps all its keys (short rows)
+                ax.set_yscale("log")
         if x_rc:
             ax2 = ax.twinx()
             ax2.plot(x_rc, y_rc, color="C1", marker=".", label="top-k attention-mass recall")

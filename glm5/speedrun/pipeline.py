@@ -1,0 +1,304 @@
+"""`run_speedrun`: tokenizer -> pre-training -> DSA dense warm-up -> sparse stage -> SFT -> HF export -> eval (of the exported files) ->
+report.md, each stage a function of the run directory. A stage that finished leaves `<stage>/done.json`; running
+again with the same --out-dir skips finished stages and resumes a training stage from its newest checkpoint, so a
+killed speedrun loses at most `save_every` steps.
+
+Layout of OUT: tokenizer/, pretrain/, dsa_warmup/, sparse/, sft/ (each a glm5 train run: metrics.jsonl, plots,
+checkpoints/), eval/eval.json, model/ (the exported checkpoint: config.json, model.safetensors, tokenizer files),
+report.md, speedrun.json (timings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .recipe import RECIPES, Recipe
+
+log = logging.getLogger("glm5.speedrun")
+TRAIN_STAGES = ("pretrain", "dsa_warmup", "sparse", "sft")
+STAGES = ("tokenizer", *TRAIN_STAGES, "export", "eval", "report")  # eval reads the exported (shipped) files
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+def tokenizer_corpus(r: Recipe):
+    """Text the BPE is trained on: the natural text, the encyclopedia, and the text of rendered training chats."""
+    from ..chat import Special, render_parts
+    from ..data import encyclopedia, examples, natural_text, world
+
+    yield from natural_text()
+    yield from encyclopedia(world(r.seed), seed=r.seed)
+    for fam in ("arithmetic", "world", "unknown", "tool", "chat"):
+        for ex in examples(fam, "train", 400, seed=r.seed):
+            for p, _ in render_parts(ex.messages, ex.tools, add_generation_prompt=False):
+                if not isinstance(p, Special):
+                    yield p
+
+
+def retrieval_examples(r: Recipe, tok, n: int, lengths: tuple[int, int], split: str, seed: int):
+    from ..data import examples
+
+    rng = random.Random(f"speedrun/retrieval/{split}/{seed}")
+    count = lambda s: len(tok.encode(s))  # noqa: E731
+    return [examples("retrieval", split, 1, seed=seed * 100_003 + i, context_tokens=rng.randint(*lengths),
+                     count_tokens=count)[0] for i in range(n)]
+
+
+def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    """About `tokens` tokens of pre-training documents in r.mixture's proportions, shuffled. Chats are rendered
+    without the generation prompt and trained on every token."""
+    from ..data import encyclopedia, examples, natural_text, world
+    from ..train.sft import chat_doc
+
+    rng = random.Random(f"speedrun/mixture/{seed}")
+    pools: dict[str, list[list[int]]] = {}
+    nat = [tok.encode(t) for t in natural_text()]
+    pools["natural"] = [d for d in nat if d]
+    w = world(r.seed)
+    docs = []
+    for fam, frac in r.mixture.items():
+        want, got, i = int(tokens * frac), 0, 0
+        while got < want:
+            if fam == "natural":
+                new = pools["natural"][i:i + 64] or pools["natural"][:64]
+                i = (i + 64) % len(pools["natural"])
+            elif fam == "encyclopedia":
+                arts = encyclopedia(w, seed=seed * 1000 + i)  # every entity, re-paraphrased per round
+                rng.shuffle(arts)
+                new = [tok.encode("\n\n".join(arts[j:j + 8])) for j in range(0, len(arts), 8)]
+                i += 1
+            else:
+                n = 256 if fam != "retrieval" else 16
+                exs = (retrieval_examples(r, tok, n, retrieval_lengths, "train", seed * 10_007 + i)
+                       if fam == "retrieval" else examples(fam, "train", n, seed=seed * 1_000_003 + i))
+                new = [chat_doc(tok, ex.messages, ex.tools)["ids"] for ex in exs]
+                i += 1
+            for d in new:
+                if got >= want:
+                    break
+                docs.append(d)
+                got += len(d)
+    rng.shuffle(docs)
+    return docs
+
+
+def sft_examples(r: Recipe, tok, seed: int) -> list:
+    from ..data import examples
+
+    out = []
+    for fam, n in r.sft_chats.items():
+        if fam == "retrieval":
+            out += retrieval_examples(r, tok, n, r.long_retrieval_tokens, "train", seed)
+        else:
+            out += examples(fam, "train", n, seed=seed)
+    random.Random(f"speedrun/sft/{seed}").shuffle(out)
+    return out
+
+
+# -- stages -------------------------------------------------------------------------------------------------------
+def autocast_for(device: str) -> str:
+    """bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX); fp32 elsewhere (AVX2 CPUs multiply bf16
+    hundreds of times slower than fp32)."""
+    if device.startswith("cuda"):
+        return "bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return "bf16" if amx() else "none"
+
+
+def base_config(r: Recipe, tok):
+    from ..config import ModelConfig
+
+    eos = [tok.token_id(s) for s in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    return ModelConfig(**r.model, vocab_size=len(tok), index_topk=r.index_topk, eos_token_id=eos,
+                       pad_token_id=eos[0])
+
+
+class Run:
+    """One speedrun directory: where each stage writes, which stages finished, the progress display."""
+
+    def __init__(self, out: Path, recipe: Recipe, device: str, progress):
+        self.out, self.r, self.device, self.progress = out, recipe, device, progress
+        self.timings: dict[str, float] = {}
+        state = out / "speedrun.json"
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved.get("recipe") != recipe.name:
+                raise ValueError(f"{out} holds a speedrun of recipe {saved.get('recipe')!r}, not {recipe.name!r}: "
+                                 "choose another --out-dir")
+            self.timings = saved.get("timings", {})
+
+    def done(self, stage: str) -> bool:
+        return (self.out / stage / "done.json").is_file()
+
+    def finish(self, stage: str, info: dict, seconds: float) -> None:
+        (self.out / stage).mkdir(parents=True, exist_ok=True)
+        (self.out / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        self.save_state()
+
+    def save_state(self) -> None:
+        from ..weights import atomic_write
+
+        state = {"recipe": self.r.name, "device": self.device, "autocast": autocast_for(self.device),
+                 "threads": torch.get_num_threads(), "timings": self.timings, "recipe_settings": asdict(self.r)}
+        atomic_write(self.out / "speedrun.json", lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
+
+    def tokenizer(self):
+        from ..tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(self.out / "tokenizer")
+
+    def last_model(self, stage: str) -> Path:
+        from ..train import checkpoint as ckpt
+
+        cks = ckpt.list_checkpoints(self.out / stage / "checkpoints")
+        if not cks:
+            raise FileNotFoundError(f"{self.out / stage}: no checkpoint (did the stage run?)")
+        return cks[-1] / "model"
+
+
+def stage_tokenizer(run: Run) -> dict:
+    from ..tokenizer_train import train_bpe_tokenizer
+
+    out = train_bpe_tokenizer(tokenizer_corpus(run.r), run.r.vocab_size, run.out / "tokenizer")
+    return {"dir": str(out), "vocab_size": len(run.tokenizer())}
+
+
+def stage_train(run: Run, name: str, on_step) -> dict:
+    from ..train.loop import TrainConfig, train
+    from ..train.sft import ChatDocs
+
+    r, tok = run.r, run.tokenizer()
+    spec = getattr(r, name)
+    prev = TRAIN_STAGES[TRAIN_STAGES.index(name) - 1] if name != "pretrain" else None
+    if prev is None:
+        cfg_path = run.out / "model_config.json"
+        cfg_path.write_text(json.dumps(base_config(r, tok).to_hf(), indent=2) + "\n")
+        model_from = str(cfg_path)
+    else:
+        model_from = str(run.last_model(prev))
+    tokens = spec.steps * spec.batch_size * (spec.seq_len + 1)
+    long_lengths = (r.long_retrieval_tokens[0], min(r.long_retrieval_tokens[1], spec.seq_len - 64))
+    seed = r.seed + TRAIN_STAGES.index(name)
+    if name == "pretrain":
+        source = mixture_docs(r, tok, tokens, r.pretrain_retrieval_tokens, seed)
+    elif name == "sft":
+        source = ChatDocs(sft_examples(r, tok, seed), tok)
+    else:
+        source = mixture_docs(r, tok, tokens, long_lengths, seed)
+    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage="sparse" if name == "sft" else name,
+                      seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
+                      warmup_steps=spec.warmup_steps, schedule=spec.schedule, mtp_depth=1, device=run.device,
+                      autocast=autocast_for(run.device), seed=seed, save_every=max(10, spec.steps // 4), keep_last=1,
+                      resume="auto", progress=False, plots=True, recall_every=10)
+    rec = train(cfg, source, on_step)
+    return {"model": str(run.last_model(name)), "last": rec}
+
+
+def stage_export(run: Run) -> dict:
+    from ..api import load_model
+    from ..weights import save_checkpoint
+
+    dst = run.out / "model"
+    tmp = run.out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = load_model(run.last_model("sft"), dtype=torch.float32)
+    save_checkpoint(model, tmp, dtype=torch.bfloat16)  # the release format: BF16 safetensors + config.json
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(run.out / "tokenizer" / f, tmp / f)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    size = sum(f.stat().st_size for f in dst.iterdir())
+    return {"dir": str(dst), "bytes": size, "params": sum(p.numel() for p in model.parameters())}
+
+
+def stage_eval(run: Run) -> dict:
+    from ..api import load_model
+    from ..eval import evaluate, format_table
+    from ..tokenizer import Tokenizer
+
+    r = run.r
+    model = load_model(run.out / "model", dtype=torch.float32)
+    tok = Tokenizer.from_dir(run.out / "model")
+    result = evaluate(model, tok, n=r.eval_n, seed=r.seed + 1000, max_tokens=r.eval_max_tokens,
+                      retrieval_lengths=r.eval_retrieval_lengths, progress=False)
+    (run.out / "eval").mkdir(parents=True, exist_ok=True)
+    (run.out / "eval" / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (run.out / "eval" / "table.md").write_text(format_table(result) + "\n")
+    return {"json": str(run.out / "eval" / "eval.json")}
+
+
+def stage_report(run: Run) -> dict:
+    from .report import write_report
+
+    return {"report": str(write_report(run.out))}
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def stage_weights(r: Recipe) -> dict[str, float]:
+    """Rough seconds per stage on 2 CPU cores (for the ETA only): training by tokens, attention by length."""
+    def train_s(s):
+        return s.steps * s.batch_size * (s.seq_len + 1) / (5000 / (1 + s.seq_len / 4096))
+
+    w = {"tokenizer": 20.0, "export": 3.0, "report": 5.0,
+         "eval": 1.5 * r.eval_n + 0.2 * r.eval_n * sum(r.eval_retrieval_lengths) / 1024}
+    for name in TRAIN_STAGES:
+        w[name] = train_s(getattr(r, name)) * (0.4 if name == "dsa_warmup" else 1.0) + 10
+    return w
+
+
+def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "full", device: str = "cpu",
+                 progress: bool = True, stop_after: str | None = None) -> Path:
+    """Run (or continue) a speedrun in out_dir; returns the exported model directory."""
+    r = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    if stop_after is not None and stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(out, r, device, progress)
+    run.save_state()
+    weights = stage_weights(r)
+    total = sum(weights.values())
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    cols = (TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*cols, disable=not progress, refresh_per_second=2) as bar:
+        overall = bar.add_task(f"speedrun ({r.name})", total=total, info="")
+        done_w = sum(weights[s] for s in STAGES if run.done(s))
+        bar.update(overall, completed=done_w)
+        for stage in STAGES:
+            if run.done(stage):
+                log.info("%s: done earlier, skipped", stage)
+                if stage == stop_after:
+                    break
+                continue
+            t0 = time.perf_counter()
+            task = bar.add_task(f"  {stage}", total=1.0, info="")
+            if stage in TRAIN_STAGES:
+                steps = getattr(r, stage).steps
+
+                def on_step(rec, task=task, stage=stage, steps=steps):
+                    frac = rec["step"] / steps
+                    bar.update(task, completed=frac, info=f"step {rec['step']}/{steps} loss {rec['loss']:.3f}")
+                    bar.update(overall, completed=done_w + weights[stage] * frac)
+
+                info = stage_train(run, stage, on_step)
+            else:
+                info = globals()[f"stage_{stage}"](run)
+            dt = time.perf_counter() - t0
+            run.finish(stage, info, dt)
+            done_w += weights[stage]
+            bar.update(task, completed=1.0, info=f"{dt:.0f} s")
+            bar.update(overall, completed=done_w)
+            log.info("%s: %.0f s", stage, dt)
+            if stage == stop_after:
+                break
+    return out / "model"

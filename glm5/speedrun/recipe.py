@@ -1,0 +1,76 @@
+"""The speedrun's recipes: model size, data mixture and the steps of each stage, for the full run (the shipped model,
+<= 30 minutes on 2 CPU cores) and the CI-sized one (a few minutes, run by the test suite).
+
+A recipe is data, not code: pipeline.py runs any of them the same way. Token mixtures are fractions of each training
+stage's tokens; `sft` counts are numbers of conversations per family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class Stage:
+    steps: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: dict  # ModelConfig fields (vocab_size comes from the tokenizer)
+    vocab_size: int
+    pretrain: Stage
+    dsa_warmup: Stage
+    sparse: Stage
+    sft: Stage
+    # pre-training / sparse-stage token mixture (fractions); rendered chats are trained on every token there
+    mixture: dict = field(default_factory=lambda: {
+        "natural": 0.15, "encyclopedia": 0.25, "arithmetic": 0.22, "world": 0.12, "unknown": 0.06, "tool": 0.08,
+        "chat": 0.02, "retrieval": 0.10})
+    pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
+    long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
+    sft_chats: dict = field(default_factory=lambda: {
+        "arithmetic": 2400, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 240})
+    eval_n: int = 100  # held-out examples per family (retrieval: split over its length x depth grid)
+    eval_retrieval_lengths: tuple[int, ...] = (1024, 2048, 4096)
+    eval_max_tokens: int = 256
+    index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
+    seed: int = 0
+
+
+FULL = Recipe(
+    name="full",
+    model=dict(hidden_size=256, intermediate_size=1024, moe_intermediate_size=128, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+               qk_rope_head_dim=16, v_head_dim=32, index_n_heads=4, index_head_dim=32, first_k_dense_replace=1,
+               n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, num_nextn_predict_layers=1,
+               max_position_embeddings=8192, dtype="bfloat16"),
+    vocab_size=4096,
+    pretrain=Stage(steps=420, seq_len=512, batch_size=16, lr=3e-3, warmup_steps=20),
+    dsa_warmup=Stage(steps=30, seq_len=2048, batch_size=2, lr=3e-3, warmup_steps=3, schedule="constant"),
+    sparse=Stage(steps=60, seq_len=2048, batch_size=4, lr=1.5e-3, warmup_steps=5),
+    sft=Stage(steps=100, seq_len=1024, batch_size=8, lr=1e-3, warmup_steps=10),
+)
+
+CI = replace(
+    FULL, name="ci",
+    model=dict(FULL.model, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+               q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+               index_head_dim=16, max_position_embeddings=2048),
+    vocab_size=600,
+    pretrain=Stage(steps=8, seq_len=128, batch_size=4, lr=3e-3, warmup_steps=2),
+    dsa_warmup=Stage(steps=3, seq_len=256, batch_size=2, lr=3e-3, warmup_steps=1, schedule="constant"),
+    sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
+    sft=Stage(steps=4, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
+    pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(120, 200),
+    sft_chats={"arithmetic": 12, "world": 8, "unknown": 4, "tool": 4, "chat": 4, "retrieval": 2},
+    eval_n=3, eval_retrieval_lengths=(128,), eval_max_tokens=24, index_topk=16,
+)
+
+RECIPES = {"full": FULL, "ci": CI}

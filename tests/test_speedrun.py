@@ -1,0 +1,70 @@
+"""`glm5 speedrun` end to end in its CI-sized recipe: every stage runs, the exported checkpoint loads (in glm5 and
+in transformers' tokenizer), the report holds the eval table, and a stopped run continues where it stopped."""
+
+import json
+
+import pytest
+import torch
+
+from glm5.speedrun import STAGES, run_speedrun
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("speedrun")
+    run_speedrun(out, "ci", progress=False, stop_after="pretrain")
+    state = json.loads((out / "speedrun.json").read_text())
+    assert set(state["timings"]) == {"tokenizer", "pretrain"}  # stopped where asked
+    model = run_speedrun(out, "ci", progress=False)  # continues: the two finished stages are skipped
+    return out, model
+
+
+def test_every_stage_ran_and_continued_without_redoing(ci_run):
+    out, _ = ci_run
+    state = json.loads((out / "speedrun.json").read_text())
+    assert set(state["timings"]) == set(STAGES)
+    for stage in STAGES:
+        assert (out / stage / "done.json").is_file()
+    lines = (out / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    assert len([ln for ln in lines if '"step"' in ln]) == 8  # pre-training ran once, not again on the second call
+    sft = [json.loads(ln) for ln in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft[-1]["stage"] == "sparse" and "indexer_kl" in sft[-1]
+
+
+def test_exported_model_loads_and_generates(ci_run):
+    from glm5 import load_model
+    from glm5.chat import render_chat
+    from glm5.tokenizer import Tokenizer
+
+    out, model_dir = ci_run
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (model_dir / f).is_file(), f
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir)
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id
+    ids = torch.tensor([render_chat(tok, [{"role": "user", "content": "What is 1 + 2?"}]).ids])
+    assert torch.isfinite(model(ids)).all()
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    msgs = [{"role": "user", "content": "What is 12 + 34?"}]
+    assert hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False) == \
+        render_chat(tok, msgs).ids
+
+
+def test_report_has_the_eval_table_and_plots(ci_run):
+    out, _ = ci_run
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    assert {"arithmetic", "world", "unknown", "tool", "chat", "retrieval/sparse", "retrieval/dense"} == \
+        set(result["suites"])
+    report = (out / "report.md").read_text()
+    assert (out / "eval" / "table.md").read_text().strip() in report
+    assert (out / "losses.png").is_file() and "losses.png" in report
+    assert (out / "eval.png").is_file() and "eval.png" in report
+
+
+def test_other_recipe_in_the_same_directory_is_refused(ci_run, tmp_path):
+    out, _ = ci_run
+    with pytest.raises(ValueError, match="recipe"):
+        run_speedrun(out, "full", progress=False)
