@@ -3,6 +3,7 @@
     glm5 speedrun                          # the full recipe, about 30 minutes on 2 CPU cores, into runs/speedrun
     glm5 speedrun --recipe ci --out-dir /tmp/sr   # a few minutes: every stage, tiny sizes
     glm5 speedrun --out-dir runs/speedrun  # again after a crash: finished stages are skipped, training resumes
+    glm5 speedrun --ship                   # ... and install the result as the package's default model
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--stop-after", help="stop after this stage (e.g. sft), continue later with the same --out-dir")
+    p.add_argument("--ship", action="store_true", help="afterwards, install the result as the package's default "
+                   "model (glm5/assets/model/), replacing the one there")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(fn=cmd_speedrun)
     return p
@@ -29,7 +32,7 @@ def cmd_speedrun(args) -> int:
     import torch
 
     from ..train.data import DataError
-    from .pipeline import run_speedrun
+    from .pipeline import run_speedrun, ship
 
     logging.basicConfig(level=logging.INFO if not args.progress else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
@@ -37,6 +40,8 @@ def cmd_speedrun(args) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = run_speedrun(args.out_dir, args.recipe, args.device, args.progress, args.stop_after)
+        if args.ship:
+            print(f"glm5 speedrun: installed as the default model in {ship(args.out_dir)}")
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"glm5 speedrun: error: {e}", file=sys.stderr)
         return 2

@@ -89,13 +89,18 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
     return docs
 
 
+def long_lengths(r: Recipe, spec) -> tuple[int, int]:
+    """Retrieval context lengths for a stage: a whole conversation (context, question, answer) fits one row."""
+    return r.long_retrieval_tokens[0], min(r.long_retrieval_tokens[1], spec.seq_len - 96)
+
+
 def sft_examples(r: Recipe, tok, seed: int) -> list:
     from ..data import examples
 
     out = []
     for fam, n in r.sft_chats.items():
         if fam == "retrieval":
-            out += retrieval_examples(r, tok, n, r.long_retrieval_tokens, "train", seed)
+            out += retrieval_examples(r, tok, n, long_lengths(r, r.sft), "train", seed)
         else:
             out += examples(fam, "train", n, seed=seed)
     random.Random(f"speedrun/sft/{seed}").shuffle(out)
@@ -147,7 +152,8 @@ class Run:
         from ..weights import atomic_write
 
         state = {"recipe": self.r.name, "device": self.device, "autocast": autocast_for(self.device),
-                 "threads": torch.get_num_threads(), "timings": self.timings, "recipe_settings": asdict(self.r)}
+                 "threads": torch.get_num_threads(), "timings": self.timings,
+                 "longest_trained_retrieval": long_lengths(self.r, self.r.sft)[1], "recipe_settings": asdict(self.r)}
         atomic_write(self.out / "speedrun.json", lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
 
     def tokenizer(self):
@@ -185,14 +191,13 @@ def stage_train(run: Run, name: str, on_step) -> dict:
     else:
         model_from = str(run.last_model(prev))
     tokens = spec.steps * spec.batch_size * (spec.seq_len + 1)
-    long_lengths = (r.long_retrieval_tokens[0], min(r.long_retrieval_tokens[1], spec.seq_len - 64))
     seed = r.seed + TRAIN_STAGES.index(name)
     if name == "pretrain":
         source = mixture_docs(r, tok, tokens, r.pretrain_retrieval_tokens, seed)
     elif name == "sft":
         source = ChatDocs(sft_examples(r, tok, seed), tok)
     else:
-        source = mixture_docs(r, tok, tokens, long_lengths, seed)
+        source = mixture_docs(r, tok, tokens, long_lengths(r, spec), seed)
     cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage="sparse" if name == "sft" else name,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, mtp_depth=1, device=run.device,
@@ -302,3 +307,29 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
             if stage == stop_after:
                 break
     return out / "model"
+
+
+def ship(out_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Install a finished speedrun as the package's default model (glm5/assets/model/): the exported checkpoint,
+    its eval (without the per-example records) and the report with its plots. Replaces what was there."""
+    from ..server.launch import ASSET_MODEL_DIR
+
+    out = Path(out_dir)
+    dest = Path(dest) if dest is not None else ASSET_MODEL_DIR
+    for stage in ("export", "eval", "report"):
+        if not (out / stage / "done.json").is_file():
+            raise FileNotFoundError(f"{out}: stage {stage!r} has not finished; run the speedrun to the end first")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out / "model", tmp)
+    result = json.loads((out / "eval" / "eval.json").read_text())
+    result.pop("records", None)
+    (tmp / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    for f in ("report.md", "losses.png", "eval.png", "speedrun.json"):
+        if (out / f).is_file():
+            shutil.copy2(out / f, tmp / f)
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # package data: readable by everyone (the checkpoint writer creates private temp files)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest

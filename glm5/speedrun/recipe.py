@@ -31,12 +31,12 @@ class Recipe:
     sft: Stage
     # pre-training / sparse-stage token mixture (fractions); rendered chats are trained on every token there
     mixture: dict = field(default_factory=lambda: {
-        "natural": 0.15, "encyclopedia": 0.25, "arithmetic": 0.22, "world": 0.12, "unknown": 0.06, "tool": 0.08,
-        "chat": 0.02, "retrieval": 0.10})
+        "natural": 0.08, "encyclopedia": 0.22, "arithmetic": 0.25, "world": 0.12, "unknown": 0.06, "tool": 0.08,
+        "chat": 0.02, "retrieval": 0.17})
     pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
     long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
     sft_chats: dict = field(default_factory=lambda: {
-        "arithmetic": 2400, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 240})
+        "arithmetic": 2400, "world": 1600, "unknown": 600, "tool": 400, "chat": 150, "retrieval": 500})
     eval_n: int = 100  # held-out examples per family (retrieval: split over its length x depth grid)
     eval_retrieval_lengths: tuple[int, ...] = (1024, 2048, 4096)
     eval_max_tokens: int = 256
@@ -50,12 +50,12 @@ FULL = Recipe(
                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
                qk_rope_head_dim=16, v_head_dim=32, index_n_heads=4, index_head_dim=32, first_k_dense_replace=1,
                n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, num_nextn_predict_layers=1,
-               max_position_embeddings=8192, dtype="bfloat16"),
+               max_position_embeddings=8192, rope_theta=10_000.0, dtype="bfloat16"),
     vocab_size=4096,
-    pretrain=Stage(steps=420, seq_len=512, batch_size=16, lr=3e-3, warmup_steps=20),
-    dsa_warmup=Stage(steps=30, seq_len=2048, batch_size=2, lr=3e-3, warmup_steps=3, schedule="constant"),
-    sparse=Stage(steps=60, seq_len=2048, batch_size=4, lr=1.5e-3, warmup_steps=5),
-    sft=Stage(steps=100, seq_len=1024, batch_size=8, lr=1e-3, warmup_steps=10),
+    pretrain=Stage(steps=1000, seq_len=512, batch_size=8, lr=3e-3, warmup_steps=30),
+    dsa_warmup=Stage(steps=30, seq_len=1152, batch_size=4, lr=3e-3, warmup_steps=3, schedule="constant"),
+    sparse=Stage(steps=30, seq_len=1152, batch_size=8, lr=1e-3, warmup_steps=5),
+    sft=Stage(steps=220, seq_len=1152, batch_size=4, lr=1e-3, warmup_steps=10),
 )
 
 CI = replace(
@@ -68,7 +68,7 @@ CI = replace(
     dsa_warmup=Stage(steps=3, seq_len=256, batch_size=2, lr=3e-3, warmup_steps=1, schedule="constant"),
     sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
     sft=Stage(steps=4, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
-    pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(120, 200),
+    pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(100, 150),
     sft_chats={"arithmetic": 12, "world": 8, "unknown": 4, "tool": 4, "chat": 4, "retrieval": 2},
     eval_n=3, eval_retrieval_lengths=(128,), eval_max_tokens=24, index_topk=16,
 )

@@ -70,6 +70,52 @@ def plot_eval(out: Path, result: dict) -> Path | None:
     return path
 
 
+def targets(result: dict, longest_trained: int) -> list[tuple[str, str, str, bool]]:
+    """The issue's targets for the shipped model against an eval result: (what, target, measured, met)."""
+    suites, rows = result["suites"], []
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def add(what, target, value, ok):
+        rows.append((what, target, value, bool(ok)))
+
+    acc = {k: v.get("accuracy") for k, v in suites.items()}
+    add("arithmetic accuracy", ">= 90%", pct(acc.get("arithmetic")), (acc.get("arithmetic") or 0) >= 0.9)
+    add("world facts (known entities)", ">= 90%", pct(acc.get("world")), (acc.get("world") or 0) >= 0.9)
+    add("unknown entities: abstains", ">= 80%", pct(acc.get("unknown")), (acc.get("unknown") or 0) >= 0.8)
+    hal = result.get("hallucination", {}).get("unknown", {}).get("rate")
+    add("unknown entities: hallucination rate", "<= 20%", pct(hal), hal is not None and hal <= 0.2)
+    grid = {m: {c["context_tokens"]: c for c in v["grid"] if c["depth"] is not None}
+            for m, v in result.get("retrieval", {}).items()}
+    lengths = sorted(grid.get("dense", {}))
+    if lengths:
+        L = max([x for x in lengths if x <= longest_trained] or lengths[:1])
+
+        def at(mode):
+            cells = [c for c in result["retrieval"][mode]["grid"] if c["context_tokens"] == L and c["n"]]
+            n = sum(c["n"] for c in cells)
+            return sum(c["accuracy"] * c["n"] for c in cells) / n if n else None
+
+        sp, de = at("sparse"), at("dense")
+        ok = sp is not None and de is not None and sp >= de - 0.05
+        got = f"{pct(sp)} vs {pct(de)}" + (" (both low: says little)" if de is not None and de < 0.5 else "")
+        add(f"retrieval at {L} tokens: sparse vs dense", "within 5 points", got, ok)
+    tool = result.get("tool", {})
+    add("tool: valid call", ">= 95%", pct(tool.get("valid_call_rate")), (tool.get("valid_call_rate") or 0) >= 0.95)
+    add("tool: correct final answer", ">= 90%", pct(tool.get("final_accuracy")), (tool.get("final_accuracy") or 0) >= 0.9)
+    mtp = result.get("mtp", {}).get("acceptance")
+    add("MTP draft acceptance", ">= 0.6", "-" if mtp is None else f"{mtp:.2f}", (mtp or 0) >= 0.6)
+    return rows
+
+
+def targets_table(result: dict, longest_trained: int) -> str:
+    lines = ["| target | wanted | measured | |", "|---|---|---|---|"]
+    for what, want, got, ok in targets(result, longest_trained):
+        lines.append(f"| {what} | {want} | {got} | {'met' if ok else '**missed**'} |")
+    return "\n".join(lines)
+
+
 def write_report(out: str | Path) -> Path:
     out = Path(out)
     state = json.loads((out / "speedrun.json").read_text())
@@ -96,7 +142,10 @@ def write_report(out: str | Path) -> Path:
     ev = out / "eval" / "eval.json"
     if ev.is_file():
         result = json.loads(ev.read_text())
-        lines += ["## Held-out evaluation", "", (out / "eval" / "table.md").read_text(), ""]
+        longest = state["longest_trained_retrieval"]
+        lines += ["## Targets (issue 5)", "", f"Longest trained retrieval context: {longest} tokens.", "",
+                  targets_table(result, longest), "",
+                  "## Held-out evaluation", "", (out / "eval" / "table.md").read_text(), ""]
         if (p := plot_eval(out, result)) is not None:
             lines += [f"![eval]({p.name})", ""]
     lines += ["## Recipe", "", "```json", json.dumps(state.get("recipe_settings", {}), indent=2), "```", ""]
