@@ -4,6 +4,7 @@ import hashlib
 import json
 import random
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,25 +21,33 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.default()
+MODEL_TOKENIZER_DIR = DEFAULT_TOKENIZER_DIR.parent / "model"  # the shipped model's own (trained by glm5 speedrun)
+
+
+@pytest.fixture(scope="module", params=["default", "model"])
+def tok(request):
+    """Every property below holds for both shipped tokenizers: the package default and the shipped model's."""
+    return Tokenizer.default() if request.param == "default" else Tokenizer.from_dir(MODEL_TOKENIZER_DIR)
+
+
+def tok_dir(tok):
+    return Path(tok.source)  # from_dir records the directory it read
 
 
 def test_shipped_tokenizer_loads(tok):
-    assert tok.vocab_size == DEFAULT_VOCAB_SIZE
+    assert tok.vocab_size >= 512
     assert set(FORMAT_TOKENS) <= set(tok.special_ids)
     assert len({tok.token_id(s) for s in FORMAT_TOKENS}) == len(FORMAT_TOKENS)
     assert tok.eos_ids == sorted(tok.token_id(s) for s in ("<|endoftext|>", "<|user|>", "<|observation|>"))
     assert tok.pad_id == tok.token_id("<|endoftext|>")
     assert "[gMASK]<sop>" in tok.chat_template
-    size = sum(f.stat().st_size for f in DEFAULT_TOKENIZER_DIR.iterdir())
+    size = sum((tok_dir(tok) / f).stat().st_size for f in ("tokenizer.json", "tokenizer_config.json"))
     assert size < 1_000_000, size
 
 
 def test_shipped_tokenizer_loads_in_transformers(tok):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(DEFAULT_TOKENIZER_DIR))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir(tok)))
     assert len(hf) == tok.vocab_size
     assert hf.eos_token_id == tok.token_id("<|endoftext|>")
     for t in TEXTS:

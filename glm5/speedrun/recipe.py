@@ -31,12 +31,12 @@ class Recipe:
     sft: Stage
     # pre-training / sparse-stage token mixture (fractions); rendered chats are trained on every token there
     mixture: dict = field(default_factory=lambda: {
-        "natural": 0.08, "encyclopedia": 0.22, "arithmetic": 0.25, "world": 0.12, "unknown": 0.06, "tool": 0.08,
-        "chat": 0.02, "retrieval": 0.17})
+        "natural": 0.10, "encyclopedia": 0.22, "arithmetic": 0.25, "world": 0.13, "unknown": 0.07, "tool": 0.10,
+        "chat": 0.03, "retrieval": 0.10})
     pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
     long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
     sft_chats: dict = field(default_factory=lambda: {
-        "arithmetic": 2400, "world": 1600, "unknown": 600, "tool": 400, "chat": 150, "retrieval": 500})
+        "arithmetic": 2400, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 240})
     eval_n: int = 100  # held-out examples per family (retrieval: split over its length x depth grid)
     eval_retrieval_lengths: tuple[int, ...] = (1024, 2048, 4096)
     eval_max_tokens: int = 256
@@ -52,10 +52,10 @@ FULL = Recipe(
                n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, num_nextn_predict_layers=1,
                max_position_embeddings=8192, rope_theta=10_000.0, dtype="bfloat16"),
     vocab_size=4096,
-    pretrain=Stage(steps=1000, seq_len=512, batch_size=8, lr=3e-3, warmup_steps=30),
-    dsa_warmup=Stage(steps=30, seq_len=1152, batch_size=4, lr=3e-3, warmup_steps=3, schedule="constant"),
-    sparse=Stage(steps=30, seq_len=1152, batch_size=8, lr=1e-3, warmup_steps=5),
-    sft=Stage(steps=220, seq_len=1152, batch_size=4, lr=1e-3, warmup_steps=10),
+    pretrain=Stage(steps=900, seq_len=512, batch_size=8, lr=3e-3, warmup_steps=30),
+    dsa_warmup=Stage(steps=40, seq_len=1152, batch_size=4, lr=3e-3, warmup_steps=3, schedule="constant"),
+    sparse=Stage(steps=50, seq_len=1152, batch_size=8, lr=1e-3, warmup_steps=5),
+    sft=Stage(steps=120, seq_len=1152, batch_size=8, lr=1e-3, warmup_steps=10),
 )
 
 CI = replace(
