@@ -78,8 +78,10 @@ def test_packed_labels_follow_the_mask(tok):
                 n_checked += 1
     assert n_checked > 10
     total = sum(len(d["ids"]) for d in want)
-    assert b.loss_BT1[0].tolist() == [bool(x) for x in flat_loss[:T + 1]]
-    assert b.tokens_BT1[0].tolist() == flat_ids[:T + 1] and total > 0
+    # Row 1 continues the stream where row 0 ended (one token of overlap): ids and flags match the source there too.
+    for r in range(2):
+        assert b.loss_BT1[r].tolist() == [bool(x) for x in flat_loss[r * T:(r + 1) * T + 1]]
+        assert b.tokens_BT1[r].tolist() == flat_ids[r * T:(r + 1) * T + 1] and total > 0
 
 
 def test_bad_chats_are_refused(tok, tmp_path):
@@ -91,7 +93,21 @@ def test_bad_chats_are_refused(tok, tmp_path):
     with pytest.raises(DataError, match="bad.jsonl:1"):
         next(iter(ChatDocs(p, tok)))
     with pytest.raises(DataError, match="loss"):
-        next(iter(Packer([{"ids": [1, 2, 3], "loss": [True]}], rows=1, seq_len=2).next_batch() for _ in [0]))
+        Packer([{"ids": [1, 2, 3], "loss": [True]}], rows=1, seq_len=2).next_batch()
+    with pytest.raises(DataError, match="loss"):
+        Packer([{"ids": [1, 2, 3], "loss": [1, 2, 0]}], rows=1, seq_len=2).next_batch()
+    assert ChatDocs([{"messages": CHAT}], tok).chats[0] == (CHAT, None)  # the JSONL shape, in memory
+
+
+def test_whole_documents_start_a_new_row_instead_of_being_cut():
+    docs = [[1] * 3, [2] * 5, [3] * 4, [4] * 9, [5] * 2]
+    b = Packer(docs, rows=4, seq_len=5, split_docs=False, pad_id=0).next_batch()
+    assert b.tokens_BT1.tolist() == [[1, 1, 1, 0, 0, 0], [2, 2, 2, 2, 2, 0], [3, 3, 3, 3, 4, 4], [4] * 6]
+    assert b.loss_BT1.tolist()[:2] == [[True] * 3 + [False] * 3, [True] * 5 + [False]]
+    lab = shifted_labels(b.tokens_BT1, b.doc_BT1, 1, 5, b.loss_BT1)
+    assert lab[0].tolist() == [1, 1, IGNORE, IGNORE, IGNORE]  # no label on, or across into, the padding
+    cut = Packer(docs, rows=2, seq_len=5).next_batch()  # the default packs tightly and cuts
+    assert cut.tokens_BT1[0].tolist() == [1, 1, 1, 2, 2, 2]
 
 
 def test_glm5_sft_cli_runs(tok, tmp_path):

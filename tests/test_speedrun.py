@@ -27,7 +27,8 @@ def test_every_stage_ran_and_continued_without_redoing(ci_run):
     for stage in STAGES:
         assert (out / stage / "done.json").is_file()
     lines = (out / "pretrain" / "metrics.jsonl").read_text().splitlines()
-    assert len([ln for ln in lines if '"step"' in ln]) == 8  # pre-training ran once, not again on the second call
+    steps = [json.loads(ln) for ln in lines]
+    assert [r["step"] for r in steps if "event" not in r] == list(range(1, 9))  # ran once, not again on the 2nd call
     sft = [json.loads(ln) for ln in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert sft[-1]["stage"] == "sparse" and "indexer_kl" in sft[-1]
 
@@ -62,6 +63,25 @@ def test_report_has_the_eval_table_and_plots(ci_run):
     assert (out / "eval" / "table.md").read_text().strip() in report
     assert (out / "losses.png").is_file() and "losses.png" in report
     assert (out / "eval.png").is_file() and "eval.png" in report
+
+
+def test_ship_installs_and_replaces_only_a_shipped_model(ci_run, tmp_path):
+    from glm5 import load_model
+    from glm5.speedrun import ship
+
+    out, _ = ci_run
+    dest = tmp_path / "assets" / "model"
+    for _ in range(2):  # the second ship replaces the first
+        assert ship(out, dest) == dest
+    assert load_model(dest).config.vocab_size > 0 and (dest / "report.md").is_file()
+    assert "records" not in json.loads((dest / "eval.json").read_text())
+    assert not (tmp_path / "assets" / "model.tmp").exists() and not (tmp_path / "assets" / "model.old").exists()
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        ship(out, other)
+    assert (other / "notes.txt").read_text() == "keep me"
 
 
 def test_other_recipe_in_the_same_directory_is_refused(ci_run, tmp_path):

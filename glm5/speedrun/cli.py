@@ -42,8 +42,11 @@ def cmd_speedrun(args) -> int:
         model = run_speedrun(args.out_dir, args.recipe, args.device, args.progress, args.stop_after)
         if args.ship:
             print(f"glm5 speedrun: installed as the default model in {ship(args.out_dir)}")
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:
         print(f"glm5 speedrun: error: {e}", file=sys.stderr)
         return 2
-    print(f"glm5 speedrun: model in {model}, report in {model.parent / 'report.md'}")
+    if model.is_dir():
+        print(f"glm5 speedrun: model in {model}, report in {model.parent / 'report.md'}")
+    else:
+        print(f"glm5 speedrun: stopped after {args.stop_after}; continue with the same --out-dir")
     return 0

@@ -143,8 +143,10 @@ class Run:
         return (self.out / stage / "done.json").is_file()
 
     def finish(self, stage: str, info: dict, seconds: float) -> None:
+        from ..weights import atomic_write
+
         (self.out / stage).mkdir(parents=True, exist_ok=True)
-        (self.out / stage / "done.json").write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write(self.out / stage / "done.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
         self.save_state()
 
@@ -202,8 +204,12 @@ def stage_train(run: Run, name: str, on_step) -> dict:
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, mtp_depth=1, device=run.device,
                       autocast=autocast_for(run.device), seed=seed, save_every=max(10, spec.steps // 4), keep_last=1,
-                      resume="auto", progress=False, plots=True, recall_every=10)
+                      resume="auto", progress=False, plots=True, recall_every=10, split_docs=False)
     rec = train(cfg, source, on_step)
+    if not rec:  # killed after the last checkpoint, before done.json: the run had nothing left to do
+        from ..train.plots import read_metrics
+
+        rec = read_metrics(run.out / name / "metrics.jsonl")[-1]
     return {"model": str(run.last_model(name)), "last": rec}
 
 
@@ -312,10 +318,17 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
 def ship(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Install a finished speedrun as the package's default model (glm5/assets/model/): the exported checkpoint,
     its eval (without the per-example records) and the report with its plots. Replaces what was there."""
+    import os
+
     from ..server.launch import ASSET_MODEL_DIR
 
     out = Path(out_dir)
     dest = Path(dest) if dest is not None else ASSET_MODEL_DIR
+    old = dest.with_name(dest.name + ".old")
+    if old.is_dir() and not dest.exists():  # a ship killed between its two renames: the old model is still whole
+        os.replace(old, dest)
+    if dest.exists() and not (dest / "speedrun.json").is_file():
+        raise FileExistsError(f"{dest} exists and is not a shipped speedrun model: refusing to replace it")
     for stage in ("export", "eval", "report"):
         if not (out / stage / "done.json").is_file():
             raise FileNotFoundError(f"{out}: stage {stage!r} has not finished; run the speedrun to the end first")
@@ -330,6 +343,9 @@ def ship(out_dir: str | Path, dest: str | Path | None = None) -> Path:
             shutil.copy2(out / f, tmp / f)
     for f in tmp.iterdir():
         f.chmod(0o644)  # package data: readable by everyone (the checkpoint writer creates private temp files)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)  # two renames: a reader sees the old model or the new one, never half of either
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest

@@ -68,7 +68,7 @@ CI = replace(
     dsa_warmup=Stage(steps=3, seq_len=256, batch_size=2, lr=3e-3, warmup_steps=1, schedule="constant"),
     sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
     sft=Stage(steps=4, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
-    pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(100, 150),
+    mixture=dict(FULL.mixture), pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(100, 150),
     sft_chats={"arithmetic": 12, "world": 8, "unknown": 4, "tool": 4, "chat": 4, "retrieval": 2},
     eval_n=3, eval_retrieval_lengths=(128,), eval_max_tokens=24, index_topk=16,
 )

@@ -66,7 +66,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(fn=cmd_train, sft=False)
     s = sub.add_parser("sft", help="supervised fine-tuning on chats (loss on assistant tokens only); --data is a "
-                                   "JSONL file of {\"messages\": [...], \"tools\": [...]} objects")
+                                   "JSONL file of {\"messages\": [...], \"tools\": [...]} objects; --stage sparse "
+                                   "trains with DSA on, as GLM-5's post-training (the default stage is dense)")
     add_arguments(s)
     s.add_argument("--tokenizer", help="tokenizer directory (default: the --model directory's, else the shipped one)")
     s.set_defaults(fn=cmd_train, sft=True)
@@ -86,6 +87,12 @@ def sft_source(cfg: TrainConfig, tokenizer_dir: str | None):
         tok = Tokenizer.from_dir(model_dir)
     else:
         tok = Tokenizer.default()
+    from ..config import resolve_config
+
+    vocab = resolve_config(cfg.model).vocab_size
+    if len(tok) != vocab:
+        raise ValueError(f"tokenizer {tok.source} has {len(tok)} tokens but the model {cfg.model} has vocab_size "
+                         f"{vocab}: pass the tokenizer the model was trained with (--tokenizer DIR)")
     return ChatDocs(cfg.data, tok)
 
 
@@ -130,7 +137,7 @@ def cmd_train(args) -> int:
         if (not dist.is_initialized() or dist.get_rank() == 0) and rec:
             print(f"glm5 {'sft' if getattr(args, 'sft', False) else 'train'}: step {rec['step']} loss {rec['loss']:.4f} -> {cfg.out_dir}")
         return 0
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, OSError) as e:
         print(f"glm5 {'sft' if getattr(args, 'sft', False) else 'train'}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -126,7 +126,7 @@ def split_doc(doc, where: str) -> tuple[list[int], list[bool] | None]:
     doc = doc.tolist() if isinstance(doc, torch.Tensor) else list(doc)
     if loss is not None:
         loss = loss.tolist() if isinstance(loss, torch.Tensor) else list(loss)
-        if len(loss) != len(doc) or not all(isinstance(x, (bool, int)) for x in loss):
+        if len(loss) != len(doc) or not all(x in (0, 1) and isinstance(x, (bool, int)) for x in loss):
             raise DataError(f"{where}: \"loss\" must hold one boolean per token ({len(doc)}), got {len(loss)} values")
         loss = [bool(x) for x in loss]
     return doc, loss
@@ -147,12 +147,16 @@ class Packer:
     """Packs a document stream into batches of `rows` rows of `seq_len` + 1 tokens.
 
     `repeat`: start the source again (next epoch) when it runs out; otherwise `next_batch` returns None once too few
-    tokens remain for a full batch (the partial batch is dropped, never padded)."""
+    tokens remain for a full batch (the partial batch is dropped, never padded).
+    `split_docs=False`: a document that fits in a row is never cut: if it does not fit the rest of the current row,
+    that rest is padding (`pad_id`, no loss) and the document starts the next row. Longer documents are cut."""
 
-    def __init__(self, source: Iterable, rows: int, seq_len: int, vocab_size: int | None = None, repeat: bool = True):
+    def __init__(self, source: Iterable, rows: int, seq_len: int, vocab_size: int | None = None, repeat: bool = True,
+                 split_docs: bool = True, pad_id: int = 0):
         if rows < 1 or seq_len < 1:
             raise DataError(f"need rows >= 1 and seq_len >= 1, got rows={rows}, seq_len={seq_len}")
         self.source, self.rows, self.seq_len, self.vocab_size, self.repeat = source, rows, seq_len, vocab_size, repeat
+        self.split_docs, self.pad_id = split_docs, pad_id
         self.epoch, self.doc_index, self.offset = 0, 0, 0  # the next token to pack: doc `doc_index`, `offset` in it
         self._it: Iterator | None = None
         self._cur: list[int] | None = None
@@ -203,6 +207,15 @@ class Packer:
                 if d is None:  # out of data: leave the state where this batch started
                     self.load_state_dict(dict(zip(("epoch", "doc_index", "offset"), saved)))
                     return None
+                if not self.split_docs and self.offset == 0 and W - filled < len(d) <= W:
+                    # Whole documents: one that fits a row but not the rest of this one starts the next row, so
+                    # an answer is never trained without its question in view. The rest is padding: its own
+                    # segment, never a label.
+                    tok[b, filled:] = self.pad_id
+                    doc[b, filled:] = seg
+                    pos[b, filled:] = torch.arange(W - filled)
+                    loss[b, filled:] = False
+                    break
                 n = min(W - filled, len(d) - self.offset)
                 tok[b, filled:filled + n] = torch.tensor(d[self.offset:self.offset + n])
                 doc[b, filled:filled + n] = seg

@@ -45,6 +45,7 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic" or a .jsonl file of token-id documents
     synthetic_docs: int = 100_000
     synthetic_max_len: int = 96
+    split_docs: bool = True  # False: a document that fits a row is never cut across rows (see data.Packer)
     seq_len: int = 64
     batch_size: int = 8  # rows per optimizer step, over all ranks and micro-batches
     micro_batch: int = 0  # rows per forward per rank; 0 = batch_size / world size (no accumulation)
@@ -243,7 +244,8 @@ def train(cfg: TrainConfig, source=None, on_step=None) -> dict:
     net = wrap_parallel(net, model, cfg.parallel, world, device)
     opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), sharded=fsdp)
     packer = Packer(source if source is not None else build_source(cfg, model.config.vocab_size),
-                    cfg.batch_size, cfg.seq_len, model.config.vocab_size)
+                    cfg.batch_size, cfg.seq_len, model.config.vocab_size, split_docs=cfg.split_docs,
+                    pad_id=model.config.pad_token_id or 0)
     start = 0
     if state is not None:
         start = state["step"]

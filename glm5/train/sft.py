@@ -6,6 +6,8 @@ What the assistant writes, per assistant turn: its reasoning block, its content 
 renderer marks as inside the turn), plus the one token that ends the turn (the next turn's `<|user|>` or
 `<|observation|>`, or `<|endoftext|>` appended after the last turn): the model must learn to stop. The system
 prompt, the user turns, the tool results and the `<|assistant|>` tag itself are context, never targets.
+Multi-turn chats render as the template does: the reasoning of turns before the last user message is dropped, so
+those turns are trained to answer without thinking, as the model sees them in a later prompt.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def chat_doc(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = No
     if messages and messages[-1].get("role") == "assistant":
         ids.append(tok.token_id(END_OF_TEXT))
         gen.append(False)
-    loss = [g or (i > 0 and gen[i - 1]) for i, g in enumerate(gen)]  # the turn's text and the token that ends it
+    stops = set(tok.eos_ids)
+    # The turn's text, and the token that ends it when that is a stop token (<|user|>, <|observation|>,
+    # <|endoftext|>): the model learns to stop there. Another tag after an assistant turn is context.
+    loss = [g or (i > 0 and gen[i - 1] and ids[i] in stops) for i, g in enumerate(gen)]
     return {"ids": ids, "loss": loss}
 
 
@@ -45,7 +50,8 @@ class ChatDocs:
                 raise DataError(f"{self.path}: no such chat file")
             self.chats = None
         else:
-            self.chats = [(c.messages, c.tools) if hasattr(c, "messages") else tuple(c) for c in chats]
+            self.chats = [(c.messages, c.tools) if hasattr(c, "messages") else
+                          (c["messages"], c.get("tools")) if isinstance(c, dict) else tuple(c) for c in chats]
 
     def _chats(self) -> Iterator[tuple[str, list, list | None]]:
         if self.chats is not None:
