@@ -41,6 +41,7 @@ class Recipe:
     eval_retrieval_lengths: tuple[int, ...] = (1024, 2048, 4096)
     eval_max_tokens: int = 256
     index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
+    whole_docs: bool = False  # True: pack documents whole where they fit a row (padding the rest; see dev/LOG.md)
     seed: int = 0
 
 
