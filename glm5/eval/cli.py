@@ -101,18 +101,9 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="glm5")
-    add_parser(p.add_subparsers(dest="cmd", required=True))
-    args = p.parse_args(argv)
-    from ..config import ConfigError
-    from ..tokenizer import TokenizerError
-    from ..weights import CheckpointError
+    from ..cli import main as glm5_main
 
-    try:
-        return args.fn(args)
-    except (ConfigError, CheckpointError, TokenizerError) as e:
-        print(f"glm5 {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+    return glm5_main(argv)  # `python -m glm5.eval.cli eval ...` is `glm5 eval ...`
 
 
 if __name__ == "__main__":
