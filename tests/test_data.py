@@ -220,3 +220,19 @@ def test_chat_mixture():
     assert counts["retrieval"] == 0 and min(counts[f] for f in FAMILIES if f != "retrieval") > 20
     only = chat_mixture("heldout", 50, seed=1, weights={"arithmetic": 1.0}, ops=("*",))
     assert {e.meta["op"] for e in only} == {"*"}
+
+
+def test_copy_drills_repeat_their_string():
+    from glm5.data import copy_texts
+
+    drills = copy_texts(200, seed=3)
+    assert drills == copy_texts(200, seed=3) and drills[:50] == copy_texts(50, seed=3) != copy_texts(50, seed=4)
+    kinds = set()
+    for d in drills:
+        first, *again = d.rstrip("\n").split("\n")
+        s = first.removeprefix("Copy: ")
+        assert first.startswith("Copy: ") and 1 <= len(again) <= 2 and again == [f"Again: {s}"] * len(again), d
+        kinds.add(s.isdigit())
+    assert kinds == {True, False}  # digit strings and syllable words
+    with pytest.raises(ValueError, match="n must be"):
+        copy_texts(-1)

@@ -419,7 +419,7 @@ def test_trained_model_top1(trained_fp8_metrics):
     assert trained_fp8_metrics[0] >= 0.99, trained_fp8_metrics
 
 
-@pytest.mark.xfail(strict=True, reason="KL target missed: 1.55e-3 measured on the shipped 7M model (top-1 99.4%), cause "
+@pytest.mark.xfail(strict=True, reason="KL target missed: 2.5e-3 measured on the shipped 7M model (top-1 99.1%), cause "
                    "not investigated yet. Strict: once it passes, remove this mark")
 def test_trained_model_kl(trained_fp8_metrics):
     assert trained_fp8_metrics[1] <= 1e-3, trained_fp8_metrics

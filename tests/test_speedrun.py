@@ -30,7 +30,9 @@ def test_every_stage_ran_and_continued_without_redoing(ci_run):
     steps = [json.loads(ln) for ln in lines]
     assert [r["step"] for r in steps if "event" not in r] == list(range(1, 9))  # ran once, not again on the 2nd call
     sft = [json.loads(ln) for ln in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert sft[-1]["stage"] == "sparse" and "indexer_kl" in sft[-1]
+    from glm5.speedrun.recipe import CI
+
+    assert sft[-1]["stage"] == CI.sft_stage and (("indexer_kl" in sft[-1]) == (CI.sft_stage == "sparse"))
 
 
 def test_exported_model_loads_and_generates(ci_run):
@@ -88,3 +90,19 @@ def test_other_recipe_in_the_same_directory_is_refused(ci_run, tmp_path):
     out, _ = ci_run
     with pytest.raises(ValueError, match="recipe"):
         run_speedrun(out, "full", progress=False)
+
+
+def test_mixture_holds_each_family_in_its_share(ci_run):
+    """mixture_docs fills each family's share of the tokens (copy drills included, which the CI recipe leaves out)."""
+    from dataclasses import replace
+
+    from glm5.speedrun.pipeline import mixture_docs
+    from glm5.speedrun.recipe import CI
+    from glm5.tokenizer import Tokenizer
+
+    out, _ = ci_run
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    docs = mixture_docs(replace(CI, mixture={"copy": 0.5, "arithmetic": 0.5}), tok, 4000, (64, 100), seed=0)
+    copy = sum(len(d) for d in docs if tok.decode(d).startswith("Copy: "))
+    total = sum(len(d) for d in docs)
+    assert 4000 <= total < 4400 and 0.4 < copy / total < 0.6

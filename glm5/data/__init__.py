@@ -12,6 +12,7 @@ import random
 
 from .arithmetic import add_steps, arithmetic, mul_steps, sub_steps
 from .common import check_split
+from .copy import copy_texts
 from .example import ABSTAIN, FAMILIES, SPLITS, Example
 from .smalltalk import chat
 from .text import approx_tokens, natural_text, pretrain_texts, retrieval
@@ -62,6 +63,6 @@ def chat_mixture(split: str, n: int, seed: int = 0, weights: dict[str, float] | 
 
 
 __all__ = ["ABSTAIN", "ATTRIBUTES", "DEFAULT_WEIGHTS", "FAMILIES", "GENERATORS", "KINDS", "SPLITS", "Entity", "Example",
-           "World", "add_steps", "approx_tokens", "arithmetic", "calculator", "chat", "chat_mixture", "encyclopedia",
-           "examples", "mul_steps", "natural_text", "pretrain_texts", "retrieval", "sub_steps", "tool",
+           "World", "add_steps", "approx_tokens", "arithmetic", "calculator", "chat", "chat_mixture", "copy_texts",
+           "encyclopedia", "examples", "mul_steps", "natural_text", "pretrain_texts", "retrieval", "sub_steps", "tool",
            "unknown_family", "world", "world_family"]

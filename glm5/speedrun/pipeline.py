@@ -54,7 +54,7 @@ def retrieval_examples(r: Recipe, tok, n: int, lengths: tuple[int, int], split: 
 def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int], seed: int) -> list[list[int]]:
     """About `tokens` tokens of pre-training documents in r.mixture's proportions, shuffled. Chats are rendered
     without the generation prompt and trained on every token."""
-    from ..data import encyclopedia, examples, natural_text, world
+    from ..data import copy_texts, encyclopedia, examples, natural_text, world
     from ..train.sft import chat_doc
 
     rng = random.Random(f"speedrun/mixture/{seed}")
@@ -73,6 +73,9 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
                 arts = encyclopedia(w, seed=seed * 1000 + i)  # every entity, re-paraphrased per round
                 rng.shuffle(arts)
                 new = [tok.encode("\n\n".join(arts[j:j + 8])) for j in range(0, len(arts), 8)]
+                i += 1
+            elif fam == "copy":
+                new = [tok.encode(t) for t in copy_texts(256, seed=seed * 1_000_003 + i)]
                 i += 1
             else:
                 n = 256 if fam != "retrieval" else 16
@@ -200,9 +203,10 @@ def stage_train(run: Run, name: str, on_step) -> dict:
         source = ChatDocs(sft_examples(r, tok, seed), tok)
     else:
         source = mixture_docs(r, tok, tokens, long_lengths(r, spec), seed)
-    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage="sparse" if name == "sft" else name,
+    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=r.sft_stage if name == "sft" else name,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
-                      warmup_steps=spec.warmup_steps, schedule=spec.schedule, mtp_depth=1, device=run.device,
+                      warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=r.optimizer, mtp_depth=1,
+                      device=run.device,
                       autocast=autocast_for(run.device), seed=seed, save_every=max(10, spec.steps // 4), keep_last=1,
                       resume="auto", progress=False, plots=True, recall_every=10, split_docs=not r.whole_docs)
     rec = train(cfg, source, on_step)
