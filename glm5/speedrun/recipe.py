@@ -43,7 +43,7 @@ class Recipe:
     eval_max_tokens: int = 256
     index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
     whole_docs: bool = False  # True: pack documents whole where they fit a row (padding the rest; see dev/LOG.md)
-    # Every training stage (glm5.train.optim). Muon learned arithmetic alone 5x faster, but in the full recipe its
+    # Every training stage (glm5.train.optim). Muon trained alone on arithmetic scored 5x AdamW's at equal steps, but in the full recipe its
     # three runs lost the tool-result copying that AdamW's run kept (tool final answer 11-33% vs 99%; dev/LOG.md).
     optimizer: str = "adamw"
     # The loss of the SFT stage: "sparse" (GLM-5's) or "pretrain" (dense attention). Dense, because a dense step at
