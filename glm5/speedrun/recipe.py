@@ -43,8 +43,8 @@ class Recipe:
     eval_max_tokens: int = 256
     index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
     whole_docs: bool = False  # True: pack documents whole where they fit a row (padding the rest; see dev/LOG.md)
-    # Every training stage (glm5.train.optim). Muon trained alone on arithmetic scored 5x AdamW's at equal steps, but in the full recipe its
-    # three runs lost the tool-result copying that AdamW's run kept (tool final answer 11-33% vs 99%; dev/LOG.md).
+    # Every training stage (glm5.train.optim). Trained on arithmetic alone, Muon scored 5x AdamW's at equal steps;
+    # in the full recipe its three runs lost the tool-result copying AdamW's kept (tool answers 11-33% vs 99%).
     optimizer: str = "adamw"
     # The loss of the SFT stage: "sparse" (GLM-5's) or "pretrain" (dense attention). Dense, because a dense step at
     # 1152 tokens costs half a sparse one and the short chats lose nothing (their keys all fit top-k): 2.2x the SFT
