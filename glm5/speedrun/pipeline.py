@@ -206,7 +206,8 @@ def stage_train(run: Run, name: str, on_step) -> dict:
     cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=r.sft_stage if name == "sft" else name,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=r.optimizer, mtp_depth=1,
-                      device=run.device, autocast=autocast_for(run.device), seed=seed, save_every=max(10, spec.steps // 4), keep_last=1,
+                      device=run.device, autocast=autocast_for(run.device), seed=seed,
+                      save_every=max(10, spec.steps // 4), keep_last=1,
                       resume="auto", progress=False, plots=True, recall_every=10, split_docs=not r.whole_docs)
     rec = train(cfg, source, on_step)
     if not rec:  # killed after the last checkpoint, before done.json: the run had nothing left to do
