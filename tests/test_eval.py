@@ -368,6 +368,22 @@ def test_sparse_kv_is_never_reused_by_the_dense_run(tok):
     assert sparse[0]["text"] != dense[0]["text"]  # the modes really differ on this prompt, so reuse would show
 
 
+def test_retrieval_generations_have_their_own_cap(tok):
+    # Retrieval answers are one sentence; past the trained context a model rambles to any budget (most of the eval's
+    # time once): retrieval stops at retrieval_max_tokens, the other suites at max_tokens.
+    model = perturb(glm5.load_model(tiny().replace(vocab_size=tok.vocab_size, index_topk=16)), seed=5)
+    filler = "The sky is blue and the grass is green. "
+    suites = {"retrieval": [ex("retrieval", filler * 8 + "The code is K7Q2. What is the code?", "K7Q2",
+                               meta={"context_tokens": 160, "depth": 0.9})],
+              "chat": [ex("chat", "Hello!", "Hi")]}
+    res = evaluate(model, tok, suites, max_tokens=9, retrieval_max_tokens=3, cache_bytes=1 << 22, progress=False,
+                   mtp=False)
+    out = {r["suite"]: (r["output_tokens"], r["finish_reason"]) for r in res["records"]}
+    assert out["retrieval/sparse"] == out["retrieval/dense"] == (3, "length")
+    assert out["chat"] == (9, "length")
+    assert res["config"]["max_tokens"] == 9 and res["config"]["retrieval_max_tokens"] == 3
+
+
 def test_default_suites_and_cli(tok, tmp_path, capsys):
     from glm5.eval.cli import main
     from glm5.eval.run import default_suites

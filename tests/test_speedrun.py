@@ -24,6 +24,7 @@ def test_every_stage_ran_and_continued_without_redoing(ci_run):
     out, _ = ci_run
     state = json.loads((out / "speedrun.json").read_text())
     assert set(state["timings"]) == set(STAGES)
+    assert set(state["matmul_gflops"]) == set(STAGES) and min(state["matmul_gflops"].values()) > 0  # kept on resume
     for stage in STAGES:
         assert (out / stage / "done.json").is_file()
     lines = (out / "pretrain" / "metrics.jsonl").read_text().splitlines()
@@ -33,6 +34,11 @@ def test_every_stage_ran_and_continued_without_redoing(ci_run):
     from glm5.speedrun.recipe import CI
 
     assert sft[-1]["stage"] == CI.sft_stage and (("indexer_kl" in sft[-1]) == (CI.sft_stage == "sparse"))
+    used = {}
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft"):  # each stage trains with its own optimizer
+        [ck] = (out / stage / "checkpoints").iterdir()
+        used[stage] = json.loads((ck / "trainer_state.json").read_text())["config"]["optimizer"]
+    assert used == {s: getattr(CI, s).optimizer for s in used} and len(set(used.values())) == 2
 
 
 def test_exported_model_loads_and_generates(ci_run):

@@ -24,6 +24,10 @@ from .score import run_tool_call, score, summarize, valid_first_call
 RETRIEVAL_LENGTHS = (1024, 2048, 4096)
 RETRIEVAL_DEPTHS = (0.1, 0.5, 0.9)
 RETRIEVAL_MODES = ("sparse", "dense")
+# A retrieval answer is one sentence of thinking and one of reply (~40 tokens; the longest correct one the speedrun's
+# models wrote was 54). Past the trained context they ramble to any budget, which made retrieval most of the eval's
+# time at a 256-token cap: their budget is this, or max_tokens if smaller.
+RETRIEVAL_MAX_TOKENS = 96
 
 
 # ------------------------------------------------------------------------------------------------ attention mode
@@ -216,10 +220,11 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
              max_tokens: int = 256, families=FAMILIES, retrieval_lengths=RETRIEVAL_LENGTHS,
              retrieval_depths=RETRIEVAL_DEPTHS, retrieval_modes=RETRIEVAL_MODES, calculator=None, mtp: bool = True,
              max_tool_rounds: int = 2, cache_bytes: int | None = None, max_num_seqs: int = 64,
-             progress: bool = True) -> dict:
+             retrieval_max_tokens: int = RETRIEVAL_MAX_TOKENS, progress: bool = True) -> dict:
     """Run held-out suites through the engine and score them. suites: name -> examples (None: glm5.data's held-out
     split, n per family). A suite of retrieval examples runs once per retrieval mode; "sparse" uses index_topk =
-    min(the model's, shortest retrieval prompt // 8), so DSA really drops keys. Returns a JSON-able dict."""
+    min(the model's, shortest retrieval prompt // 8), so DSA really drops keys; its generations stop at
+    retrieval_max_tokens (see RETRIEVAL_MAX_TOKENS). Returns a JSON-able dict."""
     from ..engine import Engine
 
     t0 = time.perf_counter()
@@ -254,7 +259,8 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
                 k = sparse_k if mode == "sparse" else None
                 with attention_mode(model, mode, k):
                     recs = run_suite(engine, model, tokenizer, f"{name}/{mode}", exs,
-                                     extra={"mode": mode, "index_topk": k}, **kw)
+                                     extra={"mode": mode, "index_topk": k},
+                                     **dict(kw, max_tokens=min(max_tokens, retrieval_max_tokens)))
                 records += recs
             engine.blocks.reset_prefix_cache()
         else:
@@ -262,7 +268,9 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     result = summarize(records)
     if not (mtp and has_mtp):
         result["mtp"] = {"skipped": notes[0] if notes else "not requested"}
-    result["config"] = {"n": n, "seed": seed, "max_tokens": max_tokens, "max_tool_rounds": max_tool_rounds,
+    result["config"] = {"n": n, "seed": seed, "max_tokens": max_tokens,
+                        "retrieval_max_tokens": min(max_tokens, retrieval_max_tokens),
+                        "max_tool_rounds": max_tool_rounds,
                         "retrieval_modes": list(retrieval_modes), "index_topk": model.config.index_topk,
                         "greedy": True, "enable_thinking": True}
     result["notes"] = notes

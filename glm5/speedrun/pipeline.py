@@ -1,7 +1,7 @@
-"""`run_speedrun`: tokenizer -> pre-training -> DSA dense warm-up -> sparse stage -> SFT -> HF export -> eval (of the exported files) ->
-report.md, each stage a function of the run directory. A stage that finished leaves `<stage>/done.json`; running
-again with the same --out-dir skips finished stages and resumes a training stage from its newest checkpoint, so a
-killed speedrun loses at most `save_every` steps.
+"""`run_speedrun`: tokenizer -> pre-training -> DSA dense warm-up -> sparse stage -> SFT -> HF export -> eval (of the
+exported files) -> report.md, each stage a function of the run directory. A stage that finished leaves
+`<stage>/done.json`; running again with the same --out-dir skips finished stages and resumes a training stage from
+its newest checkpoint, so a killed speedrun loses at most `save_every` steps.
 
 Layout of OUT: tokenizer/, pretrain/, dsa_warmup/, sparse/, sft/ (each a glm5 train run: metrics.jsonl, plots,
 checkpoints/), eval/eval.json, model/ (the exported checkpoint: config.json, model.safetensors, tokenizer files),
@@ -134,6 +134,7 @@ class Run:
     def __init__(self, out: Path, recipe: Recipe, device: str, progress):
         self.out, self.r, self.device, self.progress = out, recipe, device, progress
         self.timings: dict[str, float] = {}
+        self.gflops: dict[str, float] = {}  # the machine's fp32 matmul speed as each stage started
         state = out / "speedrun.json"
         if state.is_file():
             saved = json.loads(state.read_text())
@@ -141,6 +142,7 @@ class Run:
                 raise ValueError(f"{out} holds a speedrun of recipe {saved.get('recipe')!r}, not {recipe.name!r}: "
                                  "choose another --out-dir")
             self.timings = saved.get("timings", {})
+            self.gflops = saved.get("matmul_gflops", {})
 
     def done(self, stage: str) -> bool:
         return (self.out / stage / "done.json").is_file()
@@ -157,7 +159,7 @@ class Run:
         from ..weights import atomic_write
 
         state = {"recipe": self.r.name, "device": self.device, "autocast": autocast_for(self.device),
-                 "threads": torch.get_num_threads(), "timings": self.timings,
+                 "threads": torch.get_num_threads(), "timings": self.timings, "matmul_gflops": self.gflops,
                  "longest_trained_retrieval": long_lengths(self.r, self.r.sft)[1], "recipe_settings": asdict(self.r)}
         atomic_write(self.out / "speedrun.json", lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
 
@@ -173,6 +175,20 @@ class Run:
         if not cks:
             raise FileNotFoundError(f"{self.out / stage}: no checkpoint (did the stage run?)")
         return cks[-1] / "model"
+
+
+def matmul_gflops(n: int = 512, repeats: int = 9) -> float:
+    """Median fp32 GFLOP/s of n^3 matrix products on this process's threads (~0.1 s): how fast the machine is right
+    now. A shared machine's speed drifts by a third over a day; stage timings are read against it."""
+    g = torch.Generator().manual_seed(0)  # not the global RNG
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return round(2 * n**3 / sorted(times)[repeats // 2] / 1e9, 1)
 
 
 def stage_tokenizer(run: Run) -> dict:
@@ -205,7 +221,7 @@ def stage_train(run: Run, name: str, on_step) -> dict:
         source = mixture_docs(r, tok, tokens, long_lengths(r, spec), seed)
     cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=r.sft_stage if name == "sft" else name,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
-                      warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=r.optimizer, mtp_depth=1,
+                      warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=spec.optimizer, mtp_depth=1,
                       device=run.device, autocast=autocast_for(run.device), seed=seed,
                       save_every=max(10, spec.steps // 4), keep_last=1,
                       resume="auto", progress=False, plots=True, recall_every=10, split_docs=not r.whole_docs)
@@ -295,6 +311,7 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
                 if stage == stop_after:
                     break
                 continue
+            run.gflops[stage] = matmul_gflops()
             t0 = time.perf_counter()
             task = bar.add_task(f"  {stage}", total=1.0, info="")
             if stage in TRAIN_STAGES:

@@ -18,6 +18,10 @@ class Stage:
     lr: float
     warmup_steps: int = 10
     schedule: str = "cosine"
+    # glm5.train.optim's "adamw" or "muon". Trained on arithmetic alone, Muon scored 5x AdamW at equal steps, but
+    # every full run pre-trained with it lost copying from the context (tool answers 11-33%, retrieval 0%), SFT with
+    # AdamW or not (dev/LOG.md): FULL uses AdamW throughout.
+    optimizer: str = "adamw"
 
 
 @dataclass
@@ -36,16 +40,16 @@ class Recipe:
         "chat": 0.03, "retrieval": 0.10})
     pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
     long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
+    # SFT conversations per family (~1.04M tokens: ~2.3 epochs at FULL's SFT stage). Distinct problems beat repeats:
+    # 6000 arithmetic chats instead of 2400 at equal steps took run 9's arithmetic from 62% to 76% (run 13); more
+    # world/unknown/chat chats besides (and 20 fewer steps) took it back to 62% (run 15; dev/LOG.md).
     sft_chats: dict = field(default_factory=lambda: {
-        "arithmetic": 2400, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 240})
+        "arithmetic": 6000, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 240})
     eval_n: int = 100  # held-out examples per family (retrieval: split over its length x depth grid)
     eval_retrieval_lengths: tuple[int, ...] = (1024, 2048, 4096)
     eval_max_tokens: int = 256
     index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
     whole_docs: bool = False  # True: pack documents whole where they fit a row (padding the rest; see dev/LOG.md)
-    # Every training stage (glm5.train.optim). Trained on arithmetic alone, Muon scored 5x AdamW's at equal steps;
-    # in the full recipe its three runs lost the tool-result copying AdamW's kept (tool answers 11-33% vs 99%).
-    optimizer: str = "adamw"
     # The loss of the SFT stage: "sparse" (GLM-5's) or "pretrain" (dense attention). Dense, because a dense step at
     # 1152 tokens costs half a sparse one and the short chats lose nothing (their keys all fit top-k): 2.2x the SFT
     # steps in the same time took run 2's model from 34% to 62% arithmetic, and retrieval from 0% to 19% (dev/LOG.md).
@@ -75,7 +79,7 @@ CI = replace(
     vocab_size=600,
     pretrain=Stage(steps=8, seq_len=128, batch_size=4, lr=3e-3, warmup_steps=2),
     dsa_warmup=Stage(steps=3, seq_len=256, batch_size=2, lr=3e-3, warmup_steps=1, schedule="constant"),
-    sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
+    sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1, optimizer="muon"),  # both run in CI
     sft=Stage(steps=4, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
     mixture=dict(FULL.mixture), pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(100, 150),
     sft_chats={"arithmetic": 12, "world": 8, "unknown": 4, "tool": 4, "chat": 4, "retrieval": 2},

@@ -105,7 +105,8 @@ def targets(result: dict, longest_trained: int) -> list[tuple[str, str, str, boo
         add(f"retrieval at {L} tokens: sparse vs dense", "within 5 points", got, ok)
     tool = result.get("tool", {})
     add("tool: valid call", ">= 95%", pct(tool.get("valid_call_rate")), (tool.get("valid_call_rate") or 0) >= 0.95)
-    add("tool: correct final answer", ">= 90%", pct(tool.get("final_accuracy")), (tool.get("final_accuracy") or 0) >= 0.9)
+    final = tool.get("final_accuracy")
+    add("tool: correct final answer", ">= 90%", pct(final), (final or 0) >= 0.9)
     mtp = result.get("mtp", {}).get("acceptance")
     add("MTP draft acceptance", ">= 0.6", "-" if mtp is None else f"{mtp:.2f}", (mtp or 0) >= 0.6)
     return rows
@@ -126,7 +127,8 @@ def write_report(out: str | Path) -> Path:
              f"Device: {state['device']}, {state['threads']} threads, autocast: {state['autocast']}. "
              f"Total time: {sum(timings.values()) / 60:.1f} min.", "",
              "Reproduce: `glm5 speedrun --recipe " + state["recipe"] + " --out-dir DIR`", "",
-             "| stage | seconds | result |", "|---|---:|---|"]
+             "| stage | seconds | machine at its start (fp32 matmul GFLOP/s) | result |", "|---|---:|---:|---|"]
+    gflops = state.get("matmul_gflops", {})
     for stage in STAGES:
         done = out / stage / "done.json"
         info = json.loads(done.read_text()) if done.is_file() else {}
@@ -137,7 +139,7 @@ def write_report(out: str | Path) -> Path:
                 f", recall {last['recall']:.3f}" if "recall" in last else "")
         elif "bytes" in info:
             summary = f"{info['params'] / 1e6:.2f}M parameters, {info['bytes'] / 2**20:.1f} MiB"
-        lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {summary} |")
+        lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {gflops.get(stage, '-')} | {summary} |")
     lines.append("")
     if (p := plot_losses(out)) is not None:
         lines += [f"![losses]({p.name})", ""]
