@@ -228,6 +228,7 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     from ..engine import Engine
 
     t0 = time.perf_counter()
+    retrieval_max_tokens = min(max_tokens, retrieval_max_tokens)
     if suites is None:
         suites = default_suites(families, n=n, seed=seed, tokenizer=tokenizer, lengths=retrieval_lengths,
                                 depths=retrieval_depths)
@@ -260,7 +261,7 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
                 with attention_mode(model, mode, k):
                     recs = run_suite(engine, model, tokenizer, f"{name}/{mode}", exs,
                                      extra={"mode": mode, "index_topk": k},
-                                     **dict(kw, max_tokens=min(max_tokens, retrieval_max_tokens)))
+                                     **dict(kw, max_tokens=retrieval_max_tokens))
                 records += recs
             engine.blocks.reset_prefix_cache()
         else:
@@ -268,8 +269,7 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     result = summarize(records)
     if not (mtp and has_mtp):
         result["mtp"] = {"skipped": notes[0] if notes else "not requested"}
-    result["config"] = {"n": n, "seed": seed, "max_tokens": max_tokens,
-                        "retrieval_max_tokens": min(max_tokens, retrieval_max_tokens),
+    result["config"] = {"n": n, "seed": seed, "max_tokens": max_tokens, "retrieval_max_tokens": retrieval_max_tokens,
                         "max_tool_rounds": max_tool_rounds,
                         "retrieval_modes": list(retrieval_modes), "index_topk": model.config.index_topk,
                         "greedy": True, "enable_thinking": True}

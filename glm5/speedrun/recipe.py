@@ -41,8 +41,8 @@ class Recipe:
     pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
     long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
     # SFT conversations per family (~1.04M tokens: ~2.3 epochs at FULL's SFT stage). Distinct problems beat repeats:
-    # 6000 arithmetic chats instead of 2400 at equal steps took run 9's arithmetic from 62% to 76% (run 13); more
-    # world/unknown/chat chats besides (and 20 fewer steps) took it back to 62% (run 15; dev/LOG.md).
+    # 6000 arithmetic chats instead of 2400 at equal steps took run 9's arithmetic from 62% to 82% (run 16); 9000 did
+    # no better; more world/unknown/chat chats besides (and 20 fewer steps) took it back to 62% (run 15; dev/LOG.md).
     sft_chats: dict = field(default_factory=lambda: {
         "arithmetic": 6000, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 240})
     eval_n: int = 100  # held-out examples per family (retrieval: split over its length x depth grid)
