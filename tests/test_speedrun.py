@@ -112,3 +112,34 @@ def test_mixture_holds_each_family_in_its_share(ci_run):
     copy = sum(len(d) for d in docs if tok.decode(d).startswith("Copy: "))
     total = sum(len(d) for d in docs)
     assert 4000 <= total < 4400 and 0.4 < copy / total < 0.6
+
+
+def test_copy_probe_scores_the_repeated_tool_result(ci_run):
+    """Each training stage records copy_probe; it equals the NLL read off one full-sequence forward pass at the
+    positions where the answer repeats the calculator's result."""
+    from glm5 import load_model
+    from glm5.data import examples
+    from glm5.model.model import Impl
+    from glm5.speedrun.pipeline import copy_probe
+    from glm5.tokenizer import Tokenizer
+    from glm5.train.sft import chat_doc
+
+    out, model_dir = ci_run
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft"):
+        assert json.loads((out / stage / "done.json").read_text())["copy_nll"] > 0
+    assert "copy NLL" in (out / "report.md").read_text()
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    model.impl = Impl(dsa="off")
+    nll, count = 0.0, 0
+    for ex in examples("tool", "heldout", 6):
+        ids = chat_doc(tok, ex.messages, ex.tools)["ids"]
+        # the number starts where the decoded text last reads "The calculator returned "
+        prefix = max(k for k in range(len(ids)) if tok.decode(ids[:k]).endswith("The calculator returned "))
+        num = tok.encode(ex.answer)
+        assert ids[prefix:prefix + len(num)] == num
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).float()[0], -1)
+        nll -= sum(logp[prefix - 1 + i, t].item() for i, t in enumerate(num))
+        count += len(num)
+    assert copy_probe(model_dir, tok, n=6) == pytest.approx(nll / count, abs=2e-3)
