@@ -230,7 +230,8 @@ def stage_train(run: Run, name: str, on_step) -> dict:
         from ..train.plots import read_metrics
 
         rec = read_metrics(run.out / name / "metrics.jsonl")[-1]
-    info = {"model": str(run.last_model(name)), "last": rec, "copy_nll": copy_probe(run.last_model(name), tok)}
+    model_dir = run.last_model(name)
+    info = {"model": str(model_dir), "last": rec, "copy_nll": copy_probe(model_dir, tok)}
     log.info("%s: copy NLL %.2f (copies below ~0.5, does not above ~2)", name, info["copy_nll"])
     return info
 
@@ -243,11 +244,10 @@ def copy_probe(model_dir: str | Path, tok, n: int = 24) -> float:
     copies and 2.2 after one that does not, against ~2.3 for the same number where the tool first states it."""
     from ..api import load_model
     from ..data import examples
-    from ..model.model import Impl
+    from ..eval.run import attention_mode
     from ..train.sft import chat_doc
 
     model = load_model(model_dir, dtype=torch.float32).eval()
-    model.impl = Impl(attn=model.impl.attn, dsa="off", moe=model.impl.moe)
     assistant = tok.token_id("<|assistant|>")
     total, count = 0.0, 0
     for ex in examples("tool", "heldout", n):
@@ -256,7 +256,7 @@ def copy_probe(model_dir: str | Path, tok, n: int = 24) -> float:
         at = next((i for i in range(start, len(ids) - len(num) + 1) if ids[i:i + len(num)] == num), None)
         if at is None:  # the number merged with a neighbouring token: not a clean probe
             continue
-        with torch.no_grad():
+        with torch.no_grad(), attention_mode(model, "dense"):
             logp = torch.log_softmax(model(torch.tensor([ids[:at + len(num)]])).float()[0, at - 1:-1], -1)
         total -= logp.gather(-1, torch.tensor(num)[:, None]).sum().item()
         count += len(num)
