@@ -61,11 +61,12 @@ class Indexer(nn.Module):
     def scores(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T=None) -> torch.Tensor:
         """Index scores [B, T, S] in fp32, -inf where the key is not visible to the query.
         key_end_T[t] bounds the keys query t can see (see `key_ends`); computed here if not given."""
-        B, T, _ = x_BTD.shape
-        index_BTS = torch.full((B, T, k_BSd.shape[1]), float("-inf"), device=x_BTD.device)
-        for t0, t1, s1, blk in self._blocks(x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T):
-            index_BTS[:, t0:t1, :s1] = blk
-        return index_BTS
+        S = k_BSd.shape[1]
+        # padded blocks joined by cat, not written into a preallocated map: backward through slice assignment
+        # would clone the whole [B, T, S] gradient once per block
+        return torch.cat([F.pad(blk.float(), (0, S - s1), value=float("-inf"))
+                          for _, _, s1, blk in self._blocks(x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T)],
+                         dim=1)
 
     @torch.no_grad()
     def select(self, x_BTD, q_resid_BTQ, cos, sin, k_BSd, visible_BTS, key_end_T, k: int) -> torch.Tensor:

@@ -51,7 +51,9 @@ class ForwardAux:
     router choices. Training and tests read these."""
 
     want_index_scores: bool = False
-    want_attn_probs: bool = False  # main attention probs summed over heads, L1-normalised (the indexer's target)
+    # main attention probs summed over heads, L1-normalised (the indexer's target): [B, T, S], or [B, T, K] over
+    # topk[layer] where the layer attends sparsely
+    want_attn_probs: bool = False
     detach_indexer_input: bool = False  # sparse-stage training: the indexer sees detached inputs
     topk: dict = field(default_factory=dict)
     index_scores: dict = field(default_factory=dict)
@@ -119,8 +121,8 @@ class MLAttention(nn.Module):
         if aux is not None:
             aux.topk[self.layer_idx] = topk_BTK
             if aux.want_attn_probs:
-                aux.attn_probs[self.layer_idx] = self.attn_probs(q_nope_BTHN, q_rope_BTHR, lat_BSL,
-                                                                 self.keep_mask(ctx.visible_BTS, topk_BTK))
+                aux.attn_probs[self.layer_idx] = self.attn_probs(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS,
+                                                                 topk_BTK, ctx.key_end_T)
 
         rows_BTKL = ctx.cache.gather_latent(self.layer_idx, topk_BTK) if rows_only else None
         o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, dsa_impl,
@@ -134,16 +136,28 @@ class MLAttention(nn.Module):
         return visible_BTS & torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
 
     @torch.no_grad()
-    def attn_probs(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS):
-        """Main attention probabilities summed over heads and L1-normalised, [B, T, S] fp32: the target of the
-        indexer's KL loss (DSA warm-up). A training-size computation: [B, H, T_block, S] per query block."""
+    def attn_probs(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, key_end_T):
+        """Main attention probabilities summed over heads and L1-normalised, fp32: the target of the indexer's KL
+        loss. Dense (topk_BTK None): [B, T, S] over the visible keys. Sparse: [B, T, K], the probabilities of the
+        keys topk_BTK names (0 for picks the query cannot see), which is all the KL needs: the softmax is then
+        [B, H, T, K] instead of [B, H, T, S]. A training-size computation, per query block up to its last key."""
+        H = self.n_heads
         q_BTHL = self._absorb_q(q_nope_BTHN, q_rope_BTHR).float()
-        out = torch.zeros(keep_BTS.shape, dtype=torch.float32, device=lat_BSL.device)
-        for t0 in range(0, q_BTHL.shape[1], QUERY_BLOCK):
-            t1 = t0 + QUERY_BLOCK
-            s_BtHS = torch.einsum("bthl,bsl->bths", q_BTHL[:, t0:t1], lat_BSL.float()) * self.scale
-            p = s_BtHS.masked_fill(~keep_BTS[:, t0:t1, None], float("-inf")).softmax(-1).nan_to_num(0.0)
-            out[:, t0:t1] = p.sum(2) / self.n_heads
+        lat_BSL = lat_BSL.float()
+        B, T = q_BTHL.shape[:2]
+        out = q_BTHL.new_zeros(B, T, lat_BSL.shape[1] if topk_BTK is None else topk_BTK.shape[-1])
+        for t0 in range(0, T, QUERY_BLOCK):
+            t1 = min(T, t0 + QUERY_BLOCK)
+            s1 = max(1, int(max(key_end_T[t0:t1])))
+            s_BtHs = torch.einsum("bthl,bsl->bths", q_BTHL[:, t0:t1], lat_BSL[:, :s1]) * self.scale
+            if topk_BTK is None:
+                keep_Bt1s = visible_BTS[:, t0:t1, None, :s1]
+            else:  # picks past s1 are invisible fillers (rows that see fewer than K keys): masked below
+                idx_BtK = topk_BTK[:, t0:t1]
+                s_BtHs = s_BtHs.gather(-1, idx_BtK.clamp(max=s1 - 1)[:, :, None].expand(-1, -1, H, -1))
+                keep_Bt1s = visible_BTS[:, t0:t1].gather(-1, idx_BtK)[:, :, None]
+            p = s_BtHs.masked_fill(~keep_Bt1s, float("-inf")).softmax(-1).nan_to_num(0.0)
+            out[:, t0:t1, :s_BtHs.shape[-1]] = p.sum(2) / H
         return out
 
     # -- attention over the latent ----------------------------------------------------------------------------

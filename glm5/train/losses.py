@@ -61,12 +61,15 @@ def sequence_balance_sum(idx_Nk: torch.Tensor, logits_NE: torch.Tensor, rows: in
     return (f_BE * P_BE).sum()
 
 
-def indexer_kl_sum(index_BTS: torch.Tensor, target_BTS: torch.Tensor, keep_BTS: torch.Tensor) -> torch.Tensor:
-    """Sum over queries of KL(target || softmax(index scores restricted to keep)). target is zero outside keep and
-    sums to 1 over it (main attention probabilities, summed over heads and L1-normalised)."""
-    logq_BTS = index_BTS.masked_fill(~keep_BTS, float("-inf")).log_softmax(-1).masked_fill(~keep_BTS, 0.0)
-    p_BTS = target_BTS.float()
-    return (torch.special.xlogy(p_BTS, p_BTS) - p_BTS * logq_BTS).sum()
+def indexer_kl_sum(index_BTX: torch.Tensor, target_BTX: torch.Tensor) -> torch.Tensor:
+    """Sum over queries of KL(target || softmax(index scores over the keys attention kept)). The last dim runs over
+    key slots [S] (dense attention) or over the top-k picks [K] (sparse; the scores gathered there); a key was kept
+    where its score is finite (visible). target is zero elsewhere and sums to 1 over the kept keys (main attention
+    probabilities, summed over heads and L1-normalised)."""
+    keep_BTX = torch.isfinite(index_BTX)
+    logq_BTX = index_BTX.log_softmax(-1).masked_fill(~keep_BTX, 0.0)
+    p_BTX = target_BTX.float()
+    return (torch.special.xlogy(p_BTX, p_BTX) - p_BTX * logq_BTX).sum()
 
 
 def topk_recall(dense_BTS: torch.Tensor, index_BTS: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
@@ -79,14 +82,6 @@ def topk_recall(dense_BTS: torch.Tensor, index_BTS: torch.Tensor, k: int) -> tup
     idx_BTK = select_topk(index_BTS.detach(), k)
     mass_BT = dense_BTS.gather(-1, idx_BTK).sum(-1)  # invisible picks carry zero dense mass
     return mass_BT[rows_BT].sum(), int(rows_BT.sum())
-
-
-def keep_mask(index_BTS: torch.Tensor, topk_BTK: torch.Tensor | None) -> torch.Tensor:
-    """Keys the main attention kept: all visible ones (dense), or the visible ones among the top-k (sparse)."""
-    visible_BTS = torch.isfinite(index_BTS)
-    if topk_BTK is None:
-        return visible_BTS
-    return visible_BTS & torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
 
 
 def loss_denominators(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, mtp_depth: int,
@@ -158,8 +153,9 @@ class ForwardLoss(nn.Module):
             kl, rec_sum, rec_n = [], 0.0, 0
             for depth, a in enumerate(auxes):
                 for layer, index_BTS in a.index_scores.items():
-                    keep_BTS = keep_mask(index_BTS, a.topk.get(layer))
-                    kl.append(indexer_kl_sum(index_BTS, a.attn_probs[layer], keep_BTS) / den[f"queries{depth}"])
+                    topk_BTK = a.topk.get(layer)  # sparse: the KL lives on the kept keys, where attn_probs is
+                    index_BTX = index_BTS if topk_BTK is None else index_BTS.gather(-1, topk_BTK)
+                    kl.append(indexer_kl_sum(index_BTX, a.attn_probs[layer]) / den[f"queries{depth}"])
                     if self.stage == "dsa_warmup":  # dense attention: its probs are the recall reference
                         s, c = topk_recall(a.attn_probs[layer], index_BTS, cfg.index_topk)
                         rec_sum, rec_n = rec_sum + s, rec_n + c
