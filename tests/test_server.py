@@ -307,3 +307,38 @@ def test_cli_chat(monkeypatch, capsys):
     assert main(["chat", "--model", "tiny", "--max-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     assert "(thinking off)" in out and "(conversation cleared)" in out and out.count("/reset clears") == 2
+
+
+# ------------------------------------------------------------------------------------- the model's sampling defaults
+def test_generation_config_sets_the_defaults_a_request_leaves_unset(tmp_path):
+    from glm5.config import ConfigError
+    from glm5.server.launch import sampling_defaults
+
+    assert sampling_defaults(tmp_path) == {}  # no file: OpenAI's defaults apply
+    f = tmp_path / "generation_config.json"
+    f.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 40, "max_length": 9}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 40}
+    f.write_text(json.dumps({"do_sample": False, "temperature": 0.6}))  # transformers: greedy, temperature unused
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0}
+    for bad in ("{", "[1]", '{"temperature": "hot"}', '{"top_k": 2.5}', '{"top_p": -1}'):
+        f.write_text(bad)
+        with pytest.raises(ConfigError, match="generation_config.json"):
+            sampling_defaults(tmp_path)
+
+    seen = []
+
+    class Recording(ScriptedEngine):
+        def add_request(self, prompt, params, request_id):
+            seen.append(params)
+            return super().add_request(prompt, params, request_id)
+
+    srv = start(Recording(script("hi")), sampling={"temperature": 0.0, "top_p": 0.9, "top_k": 5})
+    try:
+        c = httpx.Client(base_url=srv.url, timeout=30)
+        assert c.post(CHAT, json={"messages": USER}).status_code == 200
+        assert c.post(CHAT, json={"messages": USER, "temperature": 0.7, "top_p": 1, "top_k": 0}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+    got = [(p.temperature, p.top_p, p.top_k) for p in seen]
+    assert got == [(0.0, 0.9, 5), (0.7, 1.0, 0), (0.0, 0.9, 5)], got

@@ -60,6 +60,14 @@ def test_exported_model_loads_and_generates(ci_run):
     msgs = [{"role": "user", "content": "What is 12 + 34?"}]
     assert hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False) == \
         render_chat(tok, msgs).ids
+    # greedy by default (as evaluated), in the file transformers reads too, ending where our engine ends
+    from transformers import GenerationConfig
+
+    from glm5.server.launch import sampling_defaults
+
+    gen = GenerationConfig.from_pretrained(str(model_dir))
+    assert gen.do_sample is False and list(gen.eos_token_id) == tok.eos_ids
+    assert sampling_defaults(model_dir) == {"temperature": 0.0}
 
 
 def test_report_has_the_eval_table_and_plots(ci_run):

@@ -139,11 +139,13 @@ async def _parse(request: Request, cls: type[BaseModel]):
 
 def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None = None, api_key: str | None = None,
                limits: Limits | None = None, cache_bytes: int | None = None, max_num_seqs: int = 64,
-               max_num_batched_tokens: int = 2048, device: str = "cpu", tokenizer_dir: str | Path | None = None
-               ) -> FastAPI:
+               max_num_batched_tokens: int = 2048, device: str = "cpu", tokenizer_dir: str | Path | None = None,
+               sampling: dict | None = None) -> FastAPI:
     """engine_or_model: an Engine (or any object with its add_request / step / abort / has_unfinished / stats /
     max_model_len), a GLM5 model, a preset name, a checkpoint directory, or None for the default model (see
-    glm5.server.launch.load_for_serving). tokenizer: needed with an Engine or a model (default: the shipped one)."""
+    glm5.server.launch.load_for_serving). tokenizer: needed with an Engine or a model (default: the shipped one).
+    sampling: defaults for what a request leaves unset (temperature, top_p, top_k; default: a loaded checkpoint's
+    generation_config.json, else OpenAI's)."""
     from .launch import build_engine, load_for_serving
 
     if hasattr(engine_or_model, "add_request"):
@@ -154,12 +156,13 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
         if engine_or_model is None or isinstance(engine_or_model, (str, Path)):
             loaded = load_for_serving(engine_or_model, tokenizer_dir=tokenizer_dir, device=device)
             model, tok, name = loaded.model, loaded.tokenizer, model_name or loaded.name
+            sampling = loaded.sampling if sampling is None else sampling
         else:
             model, tok = engine_or_model, tokenizer if tokenizer is not None else _default_tokenizer()
             name = model_name or "glm5"
         engine = build_engine(model, tok, cache_bytes=cache_bytes, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens)
-    state = ServerState(engine, tok, name, limits or Limits(), api_key)
+    state = ServerState(engine, tok, name, limits or Limits(), api_key, sampling)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -36,8 +36,9 @@ def _gen_args(s: argparse.ArgumentParser, max_tokens: int):
                    "model here")
     s.add_argument("--api-key", default=os.environ.get("GLM5_API_KEY"), help="with --url (default: $GLM5_API_KEY)")
     s.add_argument("--max-tokens", type=int, default=max_tokens)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, default=None,
+                   help="default: the model's generation_config.json (the shipped model: 0, greedy), else 1")
+    s.add_argument("--top-p", type=float, default=None, help="default: the model's generation_config.json, else 1")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--no-think", action="store_true", help="thinking off (chat format: enable_thinking=false)")
 
@@ -105,7 +106,7 @@ def cmd_serve(args) -> int:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     limits = Limits(max_body_bytes=int(args.max_body_mib * MIB), max_tokens=args.max_tokens, max_queue=args.max_queue)
     app = create_app(engine, tokenizer=loaded.tokenizer, model_name=args.served_model_name or loaded.name,
-                     api_key=args.api_key or None, limits=limits)
+                     api_key=args.api_key or None, limits=limits, sampling=loaded.sampling)
     st = engine.stats()
     print(f"glm5 serve: model {args.served_model_name or loaded.name}, context {st['max_model_len']} tokens, KV cache "
           f"{st['cache_bytes'] / MIB:.0f} MiB ({st['blocks_total']} blocks of {st['block_size']}), "
@@ -131,7 +132,7 @@ def _backend(args):
 
     loaded = _load(args, quiet=True)
     return LocalBackend(build_engine(loaded.model, loaded.tokenizer, cache_bytes=_cache_bytes(args)),
-                        loaded.tokenizer)
+                        loaded.tokenizer, loaded.sampling)
 
 
 def _sampling(args) -> dict:

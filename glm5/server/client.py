@@ -20,14 +20,17 @@ from .outputs import SampleText
 
 
 class LocalBackend:
-    def __init__(self, engine, tokenizer):
+    def __init__(self, engine, tokenizer, sampling: dict | None = None):
         self.engine, self.tok = engine, tokenizer
+        self.sampling = {"temperature": 1.0, "top_p": 1.0, **(sampling or {})}  # unset values (None) fall back here
         self.last_finish_reason: str | None = None
         self.last_usage: dict | None = None
 
     def _params(self, max_tokens, temperature, top_p, seed, stop) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []),
-                              max_tokens=max_tokens or None)
+        d = self.sampling
+        return SamplingParams(temperature=d["temperature"] if temperature is None else temperature,
+                              top_p=d["top_p"] if top_p is None else top_p, top_k=d.get("top_k", 0), seed=seed,
+                              stop=list(stop or []), max_tokens=max_tokens or None)
 
     def _run(self, prompt: list[int], params: SamplingParams, on_text) -> Iterator:
         eng = self.engine
@@ -52,7 +55,8 @@ class LocalBackend:
         self.last_usage = {"prompt_tokens": len(prompt), "completion_tokens": sample.num_generated}
 
     def chat(self, messages: list[dict], *, thinking: bool = True, max_tokens: int | None = None,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, tools=None) -> Iterator[dict]:
+             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+             tools=None) -> Iterator[dict]:
         r = render_chat(self.tok, messages, tools, enable_thinking=thinking)
         parser = StreamingParser(thinking=r.thinking, tools=tools, parse_tools=bool(tools))
 
@@ -62,7 +66,8 @@ class LocalBackend:
 
         yield from self._run(r.ids, self._params(max_tokens, temperature, top_p, seed, None), on_text)
 
-    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None,
                  seed: int | None = None, stop=None) -> Iterator[str]:
         ids = self.tok.encode(prompt, allow_special=True)
         yield from self._run(ids, self._params(max_tokens, temperature, top_p, seed, stop),
@@ -126,7 +131,7 @@ class RemoteBackend:
 
     @staticmethod
     def _sampling(max_tokens, temperature, top_p, seed) -> dict:
-        body = {"temperature": temperature, "top_p": top_p}
+        body = {k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}  # else: the server's
         if max_tokens:
             body["max_tokens"] = max_tokens
         if seed is not None:
@@ -134,7 +139,8 @@ class RemoteBackend:
         return body
 
     def chat(self, messages: list[dict], *, thinking: bool = True, max_tokens: int | None = None,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, tools=None) -> Iterator[dict]:
+             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+             tools=None) -> Iterator[dict]:
         body = {"messages": messages, "chat_template_kwargs": {"enable_thinking": thinking},
                 **self._sampling(max_tokens, temperature, top_p, seed)}
         if tools:
@@ -145,7 +151,8 @@ class RemoteBackend:
                 if d.get(k):
                     yield {k: d[k]}
 
-    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+    def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None,
                  seed: int | None = None, stop=None) -> Iterator[str]:
         body = {"prompt": prompt, **self._sampling(max_tokens, temperature, top_p, seed)}
         if stop:

@@ -8,11 +8,12 @@ a banner saying that it is untrained.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import PRESETS, ConfigError
@@ -30,6 +31,8 @@ class Loaded:
     name: str
     untrained: bool
     source: str
+    # sampling defaults the checkpoint recommends (generation_config.json); requests and flags override them
+    sampling: dict = field(default_factory=dict)
 
     def banner(self) -> str:
         if not self.untrained:
@@ -75,7 +78,37 @@ def load_for_serving(spec: str | Path | None = None, *, tokenizer_dir: str | Pat
         raise ConfigError(f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model's vocab_size is "
                           f"{model.config.vocab_size}: they do not belong together")
     name = "glm5" if p.resolve() == ASSET_MODEL_DIR else p.resolve().name
-    return Loaded(model, tok, name, False, str(p))
+    return Loaded(model, tok, name, False, str(p), sampling_defaults(p))
+
+
+SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int}
+
+
+def sampling_defaults(model_dir: str | Path) -> dict:
+    """The sampling a checkpoint recommends, from its generation_config.json (the file transformers and vLLM read):
+    temperature / top_p / top_k where given, and `do_sample: false` as greedy (temperature 0). glm5 applies them
+    where a request or a flag leaves a value unset, as vLLM does; without the file, OpenAI's defaults (temperature
+    1, top_p 1). The shipped model is evaluated greedily and ships `do_sample: false`."""
+    p = Path(model_dir) / "generation_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
+    out = {}
+    for key, kind in SAMPLING_KEYS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (kind is int and v != int(v)):
+            raise ConfigError(f"{p}: {key} must be a non-negative {kind.__name__}, got {v!r}")
+        out[key] = kind(v)
+    if cfg.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 def build_engine(model, tok: Tokenizer, *, cache_bytes: int | None = None, max_num_seqs: int = 64,

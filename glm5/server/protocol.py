@@ -59,7 +59,8 @@ class NamedToolChoice(_Request):
 
 
 class _Sampling(_Request):
-    """Fields both endpoints share. None means "the default" (OpenAI's: temperature 1, top_p 1)."""
+    """Fields both endpoints share. None means "the default": the model's generation_config.json where it has one
+    (the shipped model: greedy), else OpenAI's (temperature 1, top_p 1)."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)

@@ -30,8 +30,10 @@ class Limits:
 class ServerState:
     """What the handlers share: engine thread, tokenizer, limits, metrics, the served name."""
 
-    def __init__(self, engine, tokenizer, model_name: str, limits: Limits, api_key: str | None):
+    def __init__(self, engine, tokenizer, model_name: str, limits: Limits, api_key: str | None,
+                 sampling: dict | None = None):
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(sampling or {})}  # for unset fields
         self.limits, self.api_key = limits, api_key
         self.worker = EngineWorker(engine)
         self.metrics = Metrics(model_name)
@@ -79,8 +81,9 @@ def sampling_params(state: ServerState, req, *, prompt_len: int, max_tokens: int
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
-            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            n=req.n, temperature=state.sampling["temperature"] if req.temperature is None else req.temperature,
+            top_p=state.sampling["top_p"] if req.top_p is None else req.top_p,
+            top_k=state.sampling["top_k"] if req.top_k is None else req.top_k, min_p=req.min_p or 0.0,
             seed=None if req.seed is None else req.seed % (1 << 62),  # the engine adds the sample index to it
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,

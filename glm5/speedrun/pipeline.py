@@ -274,6 +274,9 @@ def stage_export(run: Run) -> dict:
     save_checkpoint(model, tmp, dtype=torch.bfloat16)  # the release format: BF16 safetensors + config.json
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(run.out / "tokenizer" / f, tmp / f)
+    # greedy by default, as it is evaluated: a 7M model sampled at temperature 1 slips digits (glm5.server.launch)
+    gen = {"do_sample": False, "eos_token_id": run.tokenizer().eos_ids, "pad_token_id": model.config.pad_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     size = sum(f.stat().st_size for f in dst.iterdir())
