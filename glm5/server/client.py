@@ -16,20 +16,21 @@ from collections.abc import Iterator
 from ..chat import render_chat
 from ..chat_parse import StreamingParser
 from ..engine import SamplingParams
+from .launch import with_openai_defaults
 from .outputs import SampleText
 
 
 class LocalBackend:
     def __init__(self, engine, tokenizer, sampling: dict | None = None):
         self.engine, self.tok = engine, tokenizer
-        self.sampling = {"temperature": 1.0, "top_p": 1.0, **(sampling or {})}  # unset values (None) fall back here
+        self.sampling = with_openai_defaults(sampling)  # where a call leaves a value unset (None)
         self.last_finish_reason: str | None = None
         self.last_usage: dict | None = None
 
     def _params(self, max_tokens, temperature, top_p, seed, stop) -> SamplingParams:
         d = self.sampling
         return SamplingParams(temperature=d["temperature"] if temperature is None else temperature,
-                              top_p=d["top_p"] if top_p is None else top_p, top_k=d.get("top_k", 0), seed=seed,
+                              top_p=d["top_p"] if top_p is None else top_p, top_k=d["top_k"], seed=seed,
                               stop=list(stop or []), max_tokens=max_tokens or None)
 
     def _run(self, prompt: list[int], params: SamplingParams, on_text) -> Iterator:

@@ -82,6 +82,12 @@ def load_for_serving(spec: str | Path | None = None, *, tokenizer_dir: str | Pat
 
 
 SAMPLING_KEYS = {"temperature": float, "top_p": float, "top_k": int}
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # what applies where neither request nor model says
+
+
+def with_openai_defaults(sampling: dict | None) -> dict:
+    """A checkpoint's sampling defaults (`sampling_defaults`) completed with OpenAI's for the keys it leaves out."""
+    return {**OPENAI_SAMPLING, **(sampling or {})}
 
 
 def sampling_defaults(model_dir: str | Path) -> dict:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..engine import RequestError, SamplingParams, StepOutput
+from .launch import with_openai_defaults
 from .metrics import Metrics
 from .protocol import APIError
 from .worker import EngineFailure, EngineWorker
@@ -33,7 +34,7 @@ class ServerState:
     def __init__(self, engine, tokenizer, model_name: str, limits: Limits, api_key: str | None,
                  sampling: dict | None = None):
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
-        self.sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **(sampling or {})}  # for unset fields
+        self.sampling = with_openai_defaults(sampling)  # for the fields a request leaves unset
         self.limits, self.api_key = limits, api_key
         self.worker = EngineWorker(engine)
         self.metrics = Metrics(model_name)
