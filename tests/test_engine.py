@@ -110,6 +110,33 @@ def test_greedy_with_prefix_reuse(model):
     assert eng.stats()["prefix_cache_hit_tokens"] - hits >= 3 * 24
 
 
+def test_return_hidden_equals_full_forward(model):
+    """Hidden states of every fed token, through chunked prefill, preemption (recomputed rows replace the old ones)
+    and a prompt whose prefix is cached (computed anyway: a cached block has KV, not hidden states)."""
+    V = model.config.vocab_size
+    shared = prompts_of([24], V, seed=7)[0]
+    eng = Engine(model, num_blocks=14, block_size=4, max_num_batched_tokens=9)
+    check_greedy(model, eng, [shared + [1]])  # registers the shared blocks in the prefix cache
+    prompts = [shared + [5, 6], *prompts_of([20, 25, 18], V, seed=8)]
+    rids = {eng.add_request(p, GREEDY, return_hidden=True): p for p in prompts}
+    ids, hidden = {r: list(p) for r, p in rids.items()}, {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            ids[o.request_id] += o.new_token_ids
+            assert (o.hidden is not None) == o.finished
+            if o.finished:
+                hidden[o.request_id] = o.hidden
+    assert eng.stats()["num_preemptions"] > 0
+    for r, seq in ids.items():
+        assert seq[len(rids[r]):] == reference(model, rids[r], GREEDY.max_tokens)[0]
+        with torch.no_grad():
+            want = model.hidden(torch.tensor([seq]))[0, :-1]
+        assert hidden[r].shape == want.shape
+        torch.testing.assert_close(hidden[r], want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RequestError, match="n = 1"):
+        eng.add_request([1, 2, 3], SamplingParams(n=2), return_hidden=True)
+
+
 # -- request lifecycle ------------------------------------------------------------------------------------------------
 def test_abort_frees_blocks(model):
     prompts = prompts_of([20, 9, 33], model.config.vocab_size, seed=6)

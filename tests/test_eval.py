@@ -155,12 +155,13 @@ class ScriptedEngine:
         self.max_model_len, self.eos_token_ids = 4096, tok.eos_ids
         self._queue = []
 
-    def add_request(self, prompt, params):
+    def add_request(self, prompt, params, return_hidden=False):
         self.prompts.append(self.tok.decode(prompt))
         ids = self.tok.encode(self.script(self.prompts[-1]), allow_special=True)
         rid = f"r{len(self.prompts)}"
         self._queue.append(SimpleNamespace(request_id=rid, new_token_ids=ids[:params.max_tokens], finished=True,
-                                           finish_reason="stop" if len(ids) <= params.max_tokens else "length"))
+                                           finish_reason="stop" if len(ids) <= params.max_tokens else "length",
+                                           hidden=None))
         return rid
 
     def has_unfinished(self):
@@ -243,6 +244,18 @@ def test_mtp_acceptance_matches_slow_loop(pmodel):
     assert got == want
     assert got[1] == (0, 0) and got[3] == (0, 0)  # one generated token (or none): no draft to check
     assert 0 < got[2][0] < got[2][1]
+
+
+def test_mtp_acceptance_from_given_hidden_states(pmodel):
+    """The MTP layer alone over the main model's states (as the engine returns them) counts the same drafts."""
+    g = torch.Generator().manual_seed(1)
+    V = pmodel.config.vocab_size
+    seqs = [(torch.randint(0, V, (n,), generator=g).tolist(), p) for n, p in [(14, 5), (25, 10), (6, 6)]]
+    with torch.no_grad():
+        hidden = [pmodel.hidden(torch.tensor([ids]))[0, :-1] for ids, _ in seqs]
+    assert mtp_acceptance(pmodel, seqs, hidden=hidden, batch_tokens=40) == mtp_acceptance(pmodel, seqs)
+    with pytest.raises(ValueError, match="one per token but the last"):
+        mtp_acceptance(pmodel, seqs[:1], hidden=[hidden[0][:-1]])
 
 
 def test_mtp_acceptance_is_one_when_generation_follows_drafts(pmodel):

@@ -57,6 +57,9 @@ class StepOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # add_request(return_hidden=True), on the finishing output: [prompt + output - 1, D] fp32 final-norm hidden
+    # states of every token fed to the model (the last token is never fed), as a full forward would compute them
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,7 +125,11 @@ class Engine:
                          "finished_requests": 0, "aborted_requests": 0}
 
     # -- requests --------------------------------------------------------------------------------------------------
-    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None, *,
+                    return_hidden: bool = False) -> str:
+        """Queue a request; returns its id. return_hidden: its finishing output carries the hidden states of every
+        token fed (the model's view of prompt and output, e.g. to score MTP drafts without a second forward); the
+        request then computes its whole prompt rather than taking cached prefix blocks."""
         params = SamplingParams() if params is None else params
         params.validate()
         prompt = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
@@ -132,6 +139,8 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < V for t in prompt):
             bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < V))
             raise RequestError(f"prompt token {bad!r} is not a token id in [0, {V})")
+        if return_hidden and params.n > 1:
+            raise RequestError("return_hidden needs n = 1: forked samples share the prompt's cached blocks")
         if params.stop and self.detokenize is None:
             raise RequestError("stop strings need text: build the Engine with detokenize=..., or stop on token ids")
         room = self.max_model_len - len(prompt)
@@ -152,6 +161,8 @@ class Engine:
         req = _Request(request_id, prompt, params, seed)
         self.requests[request_id] = req
         req.seqs[0] = self._new_seq(req, 0, max_tokens)
+        if return_hidden:
+            req.seqs[0].hidden = []
         self.scheduler.add(req.seqs[0])
         self.counters["prompt_tokens"] += len(prompt)
         return request_id
@@ -221,6 +232,9 @@ class Engine:
                              seq.prompt_len, len(seq.output_ids))
             outputs.append(out)
             if reason is not None:
+                if seq.hidden is not None:
+                    out.hidden = torch.cat([h for _, h in seq.hidden])
+                    seq.hidden = None
                 self._finish(seq)
             elif seq.status != RUNNING:  # a fresh fork: queue it to compute its partial block and first token
                 forked.append(seq)

@@ -40,6 +40,8 @@ class Sequence:
     status: str = WAITING
     admitted: int = -1  # admission counter: lower = older = higher priority
     num_preemptions: int = 0
+    # (start position, [n, D] final hidden states) of every token fed so far, when the request asked for them
+    hidden: list[tuple[int, object]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -101,8 +103,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit = 0
-            if seq.num_computed == 0 and not seq.blocks and seq.cacheable:
-                # At least the last token must be fed: its logits give the next token.
+            if seq.num_computed == 0 and not seq.blocks and seq.cacheable and seq.hidden is None:
+                # At least the last token must be fed: its logits give the next token. (A sequence that keeps
+                # its hidden states computes every token: a cached block has KV but no hidden states.)
                 max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
                 seq.blocks, seq.chain = self.blocks.take_prefix(seq.tokens, max_blocks)
                 seq.num_registered = len(seq.blocks)

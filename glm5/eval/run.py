@@ -60,13 +60,16 @@ def attention_mode(model, mode: str, index_topk: int | None = None):
 
 # --------------------------------------------------------------------------------------------------- MTP drafts
 @torch.no_grad()
-def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, batch_tokens: int = 8192) -> list[tuple[int, int]]:
+def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, hidden: list | None = None,
+                   batch_tokens: int = 8192) -> list[tuple[int, int]]:
     """For each (ids, prompt_len): (hits, positions) of a 1-token greedy MTP draft over the generated tokens.
 
     In speculative decoding with one MTP draft, after the main model emits x[t+1] from h[t], the MTP head drafts
     x[t+2] from (h[t], x[t+1]); the draft is accepted iff the main model then emits the same token. The first draft
-    comes right after prefill (t = P-1, drafting x[P+1]), so positions t = P-1 .. N-3: N - P - 1 drafts. One full
-    forward per batch replays them all (causal: a position never sees later tokens, so right padding is inert)."""
+    comes right after prefill (t = P-1, drafting x[P+1]), so positions t = P-1 .. N-3: N - P - 1 drafts. One
+    forward per batch replays them all (causal: a position never sees later tokens, so right padding is inert):
+    of the MTP layer alone where `hidden` gives each sequence's main-model states h[0 .. N-2] (as the engine
+    returns them with return_hidden), else of the whole model."""
     if not len(model.mtp):
         raise ValueError("this model has no MTP layer (num_nextn_predict_layers = 0)")
     out: list[tuple[int, int] | None] = [None] * len(seqs)
@@ -85,8 +88,18 @@ def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, batch_tokens: in
         ids_BT = ids_BT.to(device)
         if T >= 3:
             pos_BT = torch.arange(T, device=device).expand(len(rows), T)
-            h_BTD = model.hidden(ids_BT, pos_BT)
-            logits_BTV, _ = model.mtp_step(h_BTD[:, :-1], ids_BT[:, 1:], pos_BT[:, :-1])
+            if hidden is None:
+                h_BTD = model.hidden(ids_BT, pos_BT)[:, :-1]
+            else:
+                h_BTD = torch.zeros(len(rows), T - 1, model.config.hidden_size, dtype=model.lm_head.weight.dtype,
+                                    device=device)
+                for b, r in enumerate(rows):
+                    h = hidden[r]
+                    if h.shape[0] != len(seqs[r][0]) - 1:
+                        raise ValueError(f"hidden states of sequence {r}: {h.shape[0]} rows for "
+                                         f"{len(seqs[r][0])} tokens (want one per token but the last)")
+                    h_BTD[b, :h.shape[0]] = h.to(h_BTD)
+            logits_BTV, _ = model.mtp_step(h_BTD, ids_BT[:, 1:], pos_BT[:, :-1])
             draft_BT = logits_BTV.argmax(-1)  # draft_BT[:, t] is the draft of token t+2
         for b, r in enumerate(rows):
             ids, P = seqs[r]
@@ -101,9 +114,9 @@ def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, batch_tokens: in
 
 
 # ------------------------------------------------------------------------------------------------------ generation
-def _generate(engine, prompts: list[list[int]], max_tokens: int):
-    """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason). Prompts that do not fit
-    the engine get (None, reason)."""
+def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = False):
+    """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason, hidden states or None).
+    Prompts that do not fit the engine get (None, reason, None)."""
     from ..engine import SamplingParams
 
     results: list = [None] * len(prompts)
@@ -111,15 +124,16 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int):
     for i, p in enumerate(prompts):
         room = engine.max_model_len - len(p)
         if room < 1:
-            results[i] = (None, f"prompt of {len(p)} tokens does not fit max_model_len {engine.max_model_len}")
+            results[i] = (None, f"prompt of {len(p)} tokens does not fit max_model_len {engine.max_model_len}", None)
             continue
-        rid = engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room)))
+        rid = engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room)),
+                                 return_hidden=hidden)
         rid_to_i[rid], acc[rid] = i, []
     while engine.has_unfinished():
         for o in engine.step():
             acc[o.request_id] += o.new_token_ids
             if o.finished:
-                results[rid_to_i[o.request_id]] = (acc[o.request_id], o.finish_reason)
+                results[rid_to_i[o.request_id]] = (acc[o.request_id], o.finish_reason, o.hidden)
     return results
 
 
@@ -133,7 +147,9 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
     convs = [list(ex.prompt_messages) for ex in examples]
     recs = [{"suite": name, "family": ex.family, "answer": ex.answer, "meta": dict(ex.meta), **(extra or {})}
             for ex in examples]
-    seqs: list[list[tuple[list[int], int]]] = [[] for _ in examples]  # per example: (prompt + output, prompt len)
+    # per example and round: (prompt + output, prompt len), and the engine's hidden states of it for the MTP drafts
+    seqs: list[list[tuple[list[int], int]]] = [[] for _ in examples]
+    hiddens: list[list] = [[] for _ in examples]
     active = list(range(len(examples)))
     bar = tqdm(total=len(examples), desc=name, disable=not progress)
     try:
@@ -141,15 +157,16 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
             rendered = [render_chat(tok, convs[i], examples[i].tools, enable_thinking=True) for i in active]
             for i, r in zip(active, rendered):
                 recs[i].setdefault("prompt_tokens", len(r.ids))
-            outs = _generate(engine, [r.ids for r in rendered], max_tokens)
+            outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp)
             again = []
-            for i, r, (ids, finish) in zip(active, rendered, outs):
+            for i, r, (ids, finish, h) in zip(active, rendered, outs):
                 ex, rec = examples[i], recs[i]
                 if ids is None:
                     rec.update(skipped=finish, outcome=None)
                     bar.update()
                     continue
                 seqs[i].append((r.ids + ids, len(r.ids)))
+                hiddens[i].append(h)
                 text_ids = ids[:-1] if finish == "stop" and ids and ids[-1] in eos else ids
                 parsed = parse_output(tok.decode(text_ids), thinking=r.thinking, tools=ex.tools,
                                       parse_tools=bool(ex.tools), make_id=lambda k: f"call_{k}")
@@ -182,9 +199,10 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
             rec["context_tokens"] = m.get("length_bucket", m.get("context_tokens", rec.get("prompt_tokens")))
             rec["depth"] = m.get("depth_bucket", m.get("depth"))
     if mtp and len(model.mtp):
-        flat = [(i, s) for i, ss in enumerate(seqs) for s in ss]
-        got = mtp_acceptance(model, [s for _, s in flat])
-        for (i, _), (h, p) in zip(flat, got):
+        flat = [(i, s, h) for i, (ss, hs) in enumerate(zip(seqs, hiddens)) for s, h in zip(ss, hs)]
+        hs = [h for _, _, h in flat]
+        got = mtp_acceptance(model, [s for _, s, _ in flat], hidden=hs if all(h is not None for h in hs) else None)
+        for (i, _, _), (h, p) in zip(flat, got):
             recs[i]["mtp_hits"] = recs[i].get("mtp_hits", 0) + h
             recs[i]["mtp_positions"] = recs[i].get("mtp_positions", 0) + p
     return recs
