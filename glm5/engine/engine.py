@@ -233,8 +233,7 @@ class Engine:
             outputs.append(out)
             if reason is not None:
                 if seq.hidden is not None:
-                    out.hidden = torch.cat([h for _, h in seq.hidden])
-                    seq.hidden = None
+                    out.hidden = torch.cat(seq.hidden)
                 self._finish(seq)
             elif seq.status != RUNNING:  # a fresh fork: queue it to compute its partial block and first token
                 forked.append(seq)

@@ -64,9 +64,8 @@ class ModelRunner:
         h_BTD = self.model.hidden(ids_BT.to(self.device), view.positions_BT, cache=view)
         self.num_calls += 1
         for b, (s, n) in enumerate(group):
-            if s.hidden is not None:  # a recomputation (after preemption) replaces what it recomputes
-                s.hidden[:] = [c for c in s.hidden if c[0] < s.num_computed]
-                s.hidden.append((s.num_computed, h_BTD[b, :n].float().clone()))
+            if s.hidden is not None:
+                s.hidden.append(h_BTD[b, :n].float().clone())
         # Only rows that reach their last known token produce logits; a mid-prompt chunk needs none.
         rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == s.num_tokens]
         if not rows:

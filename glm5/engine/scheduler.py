@@ -40,8 +40,8 @@ class Sequence:
     status: str = WAITING
     admitted: int = -1  # admission counter: lower = older = higher priority
     num_preemptions: int = 0
-    # (start position, [n, D] final hidden states) of every token fed so far, when the request asked for them
-    hidden: list[tuple[int, object]] | None = None
+    # [n, D] final hidden states of the tokens fed so far, call by call, when the request asked for them
+    hidden: list | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -157,3 +157,5 @@ class Scheduler:
     def _reset(self, seq: Sequence):
         self.blocks.release(seq.blocks)
         seq.blocks, seq.num_computed, seq.num_registered, seq.chain = [], 0, 0, ROOT
+        if seq.hidden is not None:  # nothing is computed any more: a readmission recomputes (and re-records) it all
+            seq.hidden.clear()
