@@ -122,6 +122,27 @@ def test_mixture_holds_each_family_in_its_share(ci_run):
     assert 4000 <= total < 4400 and 0.4 < copy / total < 0.6
 
 
+def test_every_seed_reads_about_the_world_it_is_asked_about(ci_run):
+    """The recipe seed changes initialisation and data order, never the world: the pre-training encyclopedia and
+    the tokenizer's corpus state the facts of the world the held-out questions ask about (seed 1 included)."""
+    from dataclasses import replace
+
+    from glm5.data import examples, world
+    from glm5.speedrun.pipeline import mixture_docs, tokenizer_corpus
+    from glm5.speedrun.recipe import CI
+    from glm5.tokenizer import Tokenizer
+
+    out, _ = ci_run
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    asked = examples("world", "heldout", 20, seed=3)
+    r = replace(CI, seed=1, mixture={"encyclopedia": 1.0})
+    text = "\n".join(tok.decode(d) for d in mixture_docs(r, tok, 30_000, (64, 100), seed=1))
+    corpus = "\n".join(tokenizer_corpus(r))
+    assert all(ex.meta["entity"] in corpus and ex.answer in corpus for ex in asked)
+    ours, other = {e.name for e in world(0).entities}, {e.name for e in world(1).entities}
+    assert sum(name in text for name in ours) > 20 and not any(name in text for name in other - ours)
+
+
 def test_copy_probe_scores_the_repeated_tool_result(ci_run):
     """Each training stage records copy_probe; it equals the NLL read off one full-sequence forward pass at the
     positions where the answer repeats the calculator's result."""
