@@ -143,6 +143,40 @@ def test_every_seed_reads_about_the_world_it_is_asked_about(ci_run):
     assert sum(name in text for name in ours) > 20 and not any(name in text for name in other - ours)
 
 
+def test_fact_probe_scores_each_fact_as_one_unpadded_pass_would(ci_run):
+    """Each training stage records fact_probe; its batched, padded NLL and recall equal a per-fact reference: one
+    forward over the statement alone, the value's tokens scored after its head."""
+    from glm5 import load_model
+    from glm5.data import world
+    from glm5.data.world import STATEMENTS
+    from glm5.model.model import Impl
+    from glm5.speedrun.pipeline import fact_probe
+    from glm5.tokenizer import Tokenizer
+
+    out, model_dir = ci_run
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft"):
+        info = json.loads((out / stage / "done.json").read_text())
+        assert info["fact_nll"] > 0 and 0 <= info["fact_recall"] <= 1
+    assert "facts recalled" in (out / "report.md").read_text()
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    model.impl = Impl(dsa="off")
+    nll, count, recalled, n = 0.0, 0, 0, 0
+    for e, attr, value in world().facts()[::40]:
+        text = STATEMENTS[attr].format(x=e.name, y=value)
+        head = text[: text.index(f" {value}")]
+        ids, k = tok.encode(f"{head} {value}"), len(tok.encode(head))
+        assert tok.decode(ids[k:]).strip() == value  # CI's tiny tokenizer keeps the value out of the head
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).float()[0], -1)
+        nll -= sum(logp[i - 1, ids[i]].item() for i in range(k, len(ids)))
+        count += len(ids) - k
+        recalled += all(logp[i - 1].argmax().item() == ids[i] for i in range(k, len(ids)))
+        n += 1
+    got = fact_probe(model_dir, tok, stride=40, batch=5)
+    assert got["fact_nll"] == pytest.approx(nll / count, abs=2e-3) and got["fact_recall"] == round(recalled / n, 3)
+
+
 def test_copy_probe_scores_the_repeated_tool_result(ci_run):
     """Each training stage records copy_probe; it equals the NLL read off one full-sequence forward pass at the
     positions where the answer repeats the calculator's result."""

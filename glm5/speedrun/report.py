@@ -137,7 +137,8 @@ def write_report(out: str | Path) -> Path:
             last = info["last"]
             summary = f"step {last['step']}, loss {last['loss']:.4f}" + (
                 f", recall {last['recall']:.3f}" if "recall" in last else "") + (
-                f", copy NLL {info['copy_nll']:.2f}" if "copy_nll" in info else "")
+                f", copy NLL {info['copy_nll']:.2f}" if "copy_nll" in info else "") + (
+                f", facts recalled {100 * info['fact_recall']:.0f}%" if "fact_recall" in info else "")
         elif "bytes" in info:
             summary = f"{info['params'] / 1e6:.2f}M parameters, {info['bytes'] / 2**20:.1f} MiB"
         lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {gflops.get(stage, '-')} | {summary} |")
