@@ -34,7 +34,7 @@ def tokenizer_corpus(r: Recipe):
     from ..data import encyclopedia, examples, natural_text, world
 
     yield from natural_text()
-    yield from encyclopedia(world(), seed=r.seed)  # the one world (see mixture_docs)
+    yield from encyclopedia(world(), seed=r.seed)  # the one world, whatever the seed (as mixture_docs)
     for fam in ("arithmetic", "world", "unknown", "tool", "chat"):
         for ex in examples(fam, "train", 400, seed=r.seed):
             for p, _ in render_parts(ex.messages, ex.tools, add_generation_prompt=False):
@@ -61,10 +61,7 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
     pools: dict[str, list[list[int]]] = {}
     nat = [tok.encode(t) for t in natural_text()]
     pools["natural"] = [d for d in nat if d]
-    # The world the questions (glm5.data's world/unknown/retrieval families) and the eval ask about: world(0), for
-    # every recipe seed. r.seed changes the initialisation and the data drawn, never the facts. (Until session 9 this
-    # was world(r.seed): every seed but 0 read an encyclopedia of another world than the one it was asked about.)
-    w = world()
+    w = world()  # the world every question family and the eval ask about: r.seed changes the draw, never the facts
     docs = []
     for fam, frac in r.mixture.items():
         want, got, i = int(tokens * frac), 0, 0
