@@ -213,6 +213,19 @@ def test_encyclopedia_states_every_fact_in_every_paraphrase():
     assert set(docs) <= set(texts) and any("identifier" in t for t in texts)
 
 
+def test_other_words_state_every_fact_in_each_other_form():
+    from glm5.data.world import OTHER_WORDS, OTHER_WORDS_STYLE
+
+    w = world(0)
+    docs = encyclopedia(w, seed=5, paraphrases=1, styles=(OTHER_WORDS_STYLE,))
+    assert len(docs) == len(w.entities)
+    for e in w.entities:  # one document holds every fact of e, in each of its other forms
+        want = [form.format(x=e.name, y=v) for a, v in e.attrs for form in OTHER_WORDS[a]]
+        assert sum(all(s in d for s in want) for d in docs) == 1, e.name
+    with pytest.raises(ValueError, match="styles"):
+        encyclopedia(w, styles=(7,))
+
+
 def test_chat_mixture():
     m = chat_mixture("train", 300, seed=1)
     assert m == chat_mixture("train", 300, seed=1)

@@ -143,6 +143,29 @@ def test_every_seed_reads_about_the_world_it_is_asked_about(ci_run):
     assert sum(name in text for name in ours) > 20 and not any(name in text for name in other - ours)
 
 
+def test_late_mixture_changes_only_the_steps_from_late_from(ci_run):
+    """pretrain_docs: the steps before late_from pack exactly the one-mixture stream; from late_from on, the late
+    mixture's documents (here: the facts in other words) and nothing of the early stream's future."""
+    from dataclasses import replace
+
+    from glm5.speedrun.pipeline import pretrain_docs
+    from glm5.speedrun.recipe import CI
+    from glm5.tokenizer import Tokenizer
+    from glm5.train.data import Packer
+
+    out, _ = ci_run
+    tok = Tokenizer.from_dir(out / "tokenizer")
+    late = replace(CI, late_mixture={"other_words": 0.5, "tool": 0.5}, late_from=5)
+    one, two = (Packer(pretrain_docs(r, tok, seed=0), 4, 128) for r in (CI, late))
+    for _ in range(5):
+        a, b = one.next_batch(), two.next_batch()
+        assert torch.equal(a.tokens_BT1, b.tokens_BT1) and torch.equal(a.doc_BT1, b.doc_BT1)
+    rest = [tok.decode(two.next_batch().tokens_BT1.flatten().tolist()) for _ in range(2)]
+    assert any("The birth year of" in t or "was established in" in t for t in rest)
+    with pytest.raises(ValueError, match="late_from"):
+        pretrain_docs(replace(late, late_from=CI.pretrain.steps), tok, seed=0)
+
+
 def test_fact_probe_scores_each_fact_as_one_unpadded_pass_would(ci_run):
     """Each training stage records fact_probe; its batched, padded NLL and recall equal a per-fact reference: one
     forward over the statement alone, the value's tokens scored after its head."""

@@ -68,6 +68,22 @@ QUESTIONS = {
     "profession": (("What does {x} do for a living?", "What is the profession of {x}?", "What is the job of {x}?"),
                    ("What kind of work does {x} do?", "Tell me the profession of {x}.")),
 }
+# Each fact again in other words: those of the heldout questions ("established", "founding year", "hometown",
+# "birth year", "kind of work" ...), as statements, never questions. A model cannot know that "In what year was X
+# established?" asks for the founding year without ever reading "established"; these sentences let it read the words
+# (the `other_words` pre-training family) while every question phrasing stays in one split only.
+OTHER_WORDS = {
+    "capital": ("The city that serves as the capital of {x} is {y}.", "{x} has its capital in {y}."),
+    "currency": ("The money people use in {x} is the {y}.", "In {x} people pay with the {y}."),
+    "founded": ("{x} was established in {y}.", "The founding year of {x} is {y}."),
+    "country": ("{x} belongs to the country {y}.", "The country of {x} is {y}."),
+    "river": ("The river that {x} lies on is the {y}.", "The river of {x} is the {y}."),
+    "founder": ("The company {x} was started by {y}.", "The founder of {x} is {y}."),
+    "headquarters": ("The city that hosts the headquarters of {x} is {y}.", "{x} has its headquarters in {y}."),
+    "birthplace": ("The hometown of {x} is {y}.", "The birthplace of {x} is {y}."),
+    "born": ("The birth year of {x} is {y}.", "{x} has the birth year {y}."),
+    "profession": ("The kind of work {x} does is the work of a {y}.", "{x} is a {y} by profession."),
+}
 UNKNOWN_HELDOUT_PERCENT = 20
 
 
@@ -195,6 +211,8 @@ def _describe(e: Entity, style: int, rng: random.Random) -> str:
             "profession": f"{it} work as a {a.get('profession')}.",
         }
         return f"{x} is a {e.kind}. " + " ".join(pron[k] for k, _ in order)
+    if style == OTHER_WORDS_STYLE:  # every fact in each of its OTHER_WORDS forms
+        return " ".join(form.format(x=x, y=v) for k, v in order for form in OTHER_WORDS[k])
     # style 3: one sentence per attribute led by the attribute
     lead = {
         "capital": "Capital city of {x}: {y}.", "currency": "Money used in {x}: the {y}.",
@@ -206,19 +224,23 @@ def _describe(e: Entity, style: int, rng: random.Random) -> str:
     return f"About the {e.kind} {x}. " + " ".join(lead[k].format(x=x, y=v) for k, v in order)
 
 
-ENCYCLOPEDIA_STYLES = 4
+ENCYCLOPEDIA_STYLES = (0, 1, 2, 3)
+OTHER_WORDS_STYLE = 4
 
 
-def encyclopedia(w: World, seed: int = 0, paraphrases: int = 4) -> list[str]:
-    """Short documents, `paraphrases` per entity (styles cycle, attribute orders shuffled), in seeded order. Every
-    document states all of its entity's attributes."""
+def encyclopedia(w: World, seed: int = 0, paraphrases: int = 4, styles: tuple[int, ...] = ENCYCLOPEDIA_STYLES
+                 ) -> list[str]:
+    """Short documents, `paraphrases` per entity (`styles` cycle, attribute orders shuffled), in seeded order. Every
+    document states all of its entity's attributes. styles=(OTHER_WORDS_STYLE,): the facts in other words."""
     if paraphrases < 1:
         raise ValueError(f"paraphrases must be >= 1, got {paraphrases}")
+    if not styles or not set(styles) <= {*ENCYCLOPEDIA_STYLES, OTHER_WORDS_STYLE}:
+        raise ValueError(f"styles must be a non-empty subset of 0-{OTHER_WORDS_STYLE}, got {styles}")
     rng = random.Random(f"glm5.data/encyclopedia/{w.seed}/{seed}")
     docs = []
     for e in w.entities:
-        first = rng.randrange(ENCYCLOPEDIA_STYLES)
-        docs += [_describe(e, (first + i) % ENCYCLOPEDIA_STYLES, rng) for i in range(paraphrases)]
+        first = rng.randrange(len(styles))
+        docs += [_describe(e, styles[(first + i) % len(styles)], rng) for i in range(paraphrases)]
     rng.shuffle(docs)
     return docs
 

@@ -51,10 +51,12 @@ def retrieval_examples(r: Recipe, tok, n: int, lengths: tuple[int, int], split: 
                      count_tokens=count)[0] for i in range(n)]
 
 
-def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int], seed: int) -> list[list[int]]:
-    """About `tokens` tokens of pre-training documents in r.mixture's proportions, shuffled. Chats are rendered
-    without the generation prompt and trained on every token."""
+def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int], seed: int,
+                 mixture: dict | None = None) -> list[list[int]]:
+    """About `tokens` tokens of pre-training documents in `mixture`'s proportions (default r.mixture), shuffled.
+    Chats are rendered without the generation prompt and trained on every token."""
     from ..data import copy_texts, encyclopedia, examples, natural_text, world
+    from ..data.world import OTHER_WORDS_STYLE
     from ..train.sft import chat_doc
 
     rng = random.Random(f"speedrun/mixture/{seed}")
@@ -63,14 +65,15 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
     pools["natural"] = [d for d in nat if d]
     w = world()  # the world every question family and the eval ask about: r.seed changes the draw, never the facts
     docs = []
-    for fam, frac in r.mixture.items():
+    for fam, frac in (r.mixture if mixture is None else mixture).items():
         want, got, i = int(tokens * frac), 0, 0
         while got < want:
             if fam == "natural":
                 new = pools["natural"][i:i + 64] or pools["natural"][:64]
                 i = (i + 64) % len(pools["natural"])
-            elif fam == "encyclopedia":
-                arts = encyclopedia(w, seed=seed * 1000 + i)  # every entity, re-paraphrased per round
+            elif fam in ("encyclopedia", "other_words"):  # every entity, re-paraphrased per round
+                arts = (encyclopedia(w, seed=seed * 1000 + i) if fam == "encyclopedia" else
+                        encyclopedia(w, seed=seed * 1000 + i, paraphrases=1, styles=(OTHER_WORDS_STYLE,)))
                 rng.shuffle(arts)
                 new = [tok.encode("\n\n".join(arts[j:j + 8])) for j in range(0, len(arts), 8)]
                 i += 1
@@ -90,6 +93,30 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
                 got += len(d)
     rng.shuffle(docs)
     return docs
+
+
+def pretrain_docs(r: Recipe, tok, seed: int) -> list[list[int]]:
+    """The pre-training stream: r.mixture, and from step r.late_from on r.late_mixture (documents drawn with another
+    seed). The steps before late_from see exactly what a one-mixture run sees."""
+    from ..train.data import Packer
+
+    spec = r.pretrain
+    row = spec.batch_size * (spec.seq_len + 1)  # tokens a step packs, at most
+    docs = mixture_docs(r, tok, spec.steps * row, r.pretrain_retrieval_tokens, seed)
+    if r.late_mixture is None:
+        return docs
+    if not 0 < r.late_from < spec.steps:
+        raise ValueError(f"late_from must be a pre-training step in 1..{spec.steps - 1}, got {r.late_from}")
+    packer = Packer(docs, spec.batch_size, spec.seq_len, split_docs=not r.whole_docs)  # where step late_from starts
+    for _ in range(r.late_from):
+        packer.next_batch()
+    cut = packer.doc_index + (packer.offset > 0)  # a document cut there is finished before the late ones
+    late = mixture_docs(r, tok, (spec.steps - r.late_from + 1) * row, r.pretrain_retrieval_tokens, seed + LATE_SEED,
+                        r.late_mixture)
+    return docs[:cut] + late
+
+
+LATE_SEED = 97  # the late mixture's documents: another draw than the early ones (seeds 0-3 are the stages')
 
 
 def long_lengths(r: Recipe, spec) -> tuple[int, int]:
@@ -214,7 +241,7 @@ def stage_train(run: Run, name: str, on_step) -> dict:
     tokens = spec.steps * spec.batch_size * (spec.seq_len + 1)
     seed = r.seed + TRAIN_STAGES.index(name)
     if name == "pretrain":
-        source = mixture_docs(r, tok, tokens, r.pretrain_retrieval_tokens, seed)
+        source = pretrain_docs(r, tok, seed)
     elif name == "sft":
         source = ChatDocs(sft_examples(r, tok, seed), tok)
     else:

@@ -38,6 +38,9 @@ class Recipe:
     mixture: dict = field(default_factory=lambda: {
         "natural": 0.10, "encyclopedia": 0.22, "arithmetic": 0.25, "world": 0.13, "unknown": 0.07, "tool": 0.10,
         "chat": 0.03, "retrieval": 0.10})
+    # The last pre-training steps, from step late_from on, draw from late_mixture instead (None: one mixture).
+    late_mixture: dict | None = None
+    late_from: int = 0
     pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
     long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
     # SFT conversations per family (~1.04M tokens: ~2.3 epochs at FULL's SFT stage). Distinct problems beat repeats:
