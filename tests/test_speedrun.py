@@ -166,6 +166,27 @@ def test_late_mixture_changes_only_the_steps_from_late_from(ci_run):
         pretrain_docs(replace(late, late_from=CI.pretrain.steps), tok, seed=0)
 
 
+def test_other_words_hold_every_word_of_the_heldout_questions():
+    """The heldout world questions use words no other training text holds ("founding", "hometown", "birth"); the
+    `other_words` family states the facts in them, so a mixture with it measures paraphrase on words the model read.
+    Every question phrasing stays in its own split."""
+    import re
+
+    from glm5.data import encyclopedia, world
+    from glm5.data.world import OTHER_WORDS_STYLE, QUESTIONS
+    from glm5.speedrun.pipeline import tokenizer_corpus
+    from glm5.speedrun.recipe import FULL
+
+    words = lambda t: set(re.findall(r"[a-z]+", t.lower()))  # noqa: E731
+    corpus = set().union(*map(words, tokenizer_corpus(FULL)))  # natural text, encyclopedia, train-split chats
+    other = set().union(*map(words, encyclopedia(world(), paraphrases=1, styles=(OTHER_WORDS_STYLE,))))
+    asked = set()
+    for train, heldout in QUESTIONS.values():
+        assert not set(train) & set(heldout)
+        asked |= set().union(*(words(q.replace("{x}", "")) for q in heldout))
+    assert asked - corpus and asked <= corpus | other, sorted(asked - corpus - other)
+
+
 def test_fact_probe_scores_each_fact_as_one_unpadded_pass_would(ci_run):
     """Each training stage records fact_probe; its batched, padded NLL and recall equal a per-fact reference: one
     forward over the statement alone, the value's tokens scored after its head."""
