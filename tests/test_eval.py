@@ -144,6 +144,24 @@ def test_hallucination_and_accuracy_arithmetic():
     assert s["suites"]["world"]["counts"] == {CORRECT: 3, WRONG: 2, ABSTAINED: 1, MALFORMED: 1}
     assert s["tool"] == {"n": 4, "valid_call_rate": 0.5, "final_accuracy": 0.5}
     assert summarize([])["hallucination"]["combined"]["rate"] is None
+    assert "by_phrasing" not in s["suites"]["world"]  # records without a phrasing: nothing to group
+
+
+def test_world_outcomes_per_phrasing():
+    """World / unknown examples carry their question template; the suite summary counts outcomes per template."""
+    from glm5.data import examples
+    from glm5.data.world import QUESTIONS
+
+    exs = examples("world", "heldout", 40, seed=2)
+    heldout = {q for _, h in QUESTIONS.values() for q in h}
+    assert all(ex.meta["phrasing"] in heldout and ex.messages[0]["content"] == ex.meta["phrasing"].format(
+        x=ex.meta["entity"]) for ex in exs)
+    assert all(ex.meta["phrasing"] not in heldout for ex in examples("unknown", "train", 20, seed=2))
+    a, b = "When was {x} founded?", "In what year was {x} established?"
+    recs = [{"suite": "world", "family": "world", "outcome": o, "meta": {"phrasing": p}}
+            for p, o in [(a, CORRECT), (a, CORRECT), (b, ABSTAINED), (b, WRONG), (a, ABSTAINED)]]
+    assert summarize(recs)["suites"]["world"]["by_phrasing"] == {
+        b: {"n": 2, WRONG: 1, ABSTAINED: 1}, a: {"n": 3, CORRECT: 2, ABSTAINED: 1}}
 
 
 # --------------------------------------------------------------------------------------------------- tool loop

@@ -79,6 +79,9 @@ def test_report_has_the_eval_table_and_plots(ci_run):
     assert (out / "eval" / "table.md").read_text().strip() in report
     assert (out / "losses.png").is_file() and "losses.png" in report
     assert (out / "eval.png").is_file() and "eval.png" in report
+    by = result["suites"]["world"]["by_phrasing"]  # each held-out wording: its count and outcomes, in the report too
+    assert sum(c["n"] for c in by.values()) == result["suites"]["world"]["n"]
+    assert "World questions by wording" in report and all(p.replace("{x}", "X") in report for p in by)
 
 
 def test_ship_installs_and_replaces_only_a_shipped_model(ci_run, tmp_path):

@@ -246,8 +246,10 @@ def encyclopedia(w: World, seed: int = 0, paraphrases: int = 4, styles: tuple[in
 
 
 # ---------------------------------------------------------------------------------------------------- families
-def _question(rng: random.Random, split: str, attribute: str, x: str) -> str:
-    return rng.choice(QUESTIONS[attribute][split == "heldout"]).format(x=x)
+def _phrasing(rng: random.Random, split: str, attribute: str) -> str:
+    """A question template of the split ("When was {x} founded?"); examples keep it in meta["phrasing"], so the eval
+    can say which wordings a model understands."""
+    return rng.choice(QUESTIONS[attribute][split == "heldout"])
 
 
 def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list[Example]:
@@ -259,11 +261,12 @@ def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list
     for _ in range(n):
         e, attribute, value = rng.choice(facts)
         answer = STATEMENTS[attribute].format(x=e.name, y=value)
-        messages = [{"role": "user", "content": _question(rng, split, attribute, e.name)},
+        phrasing = _phrasing(rng, split, attribute)
+        messages = [{"role": "user", "content": phrasing.format(x=e.name)},
                     {"role": "assistant", "reasoning_content": f"I have a record of {e.name}, a {e.kind}. {answer}",
                      "content": answer}]
         out.append(Example("world", messages, value, meta={"entity": e.name, "attribute": attribute,
-                                                           "kind": e.kind}))
+                                                           "kind": e.kind, "phrasing": phrasing}))
     return out
 
 
@@ -285,8 +288,10 @@ def unknown_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> li
         kind = rng.choice(kinds)
         attribute = rng.choice(ATTRIBUTES[kind])
         x = unknown_name(rng, kind, w, split)
-        messages = [{"role": "user", "content": _question(rng, split, attribute, x)},
+        phrasing = _phrasing(rng, split, attribute)
+        messages = [{"role": "user", "content": phrasing.format(x=x)},
                     {"role": "assistant", "reasoning_content": f"I have no record of an entity called {x}.",
                      "content": f"{ABSTAIN} {x}; I have no information about it."}]
-        out.append(Example("unknown", messages, ABSTAIN, meta={"entity": x, "attribute": attribute, "kind": kind}))
+        out.append(Example("unknown", messages, ABSTAIN, meta={"entity": x, "attribute": attribute, "kind": kind,
+                                                               "phrasing": phrasing}))
     return out

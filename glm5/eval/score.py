@@ -154,6 +154,13 @@ def suite_summary(records: list[dict]) -> dict:
     out = {"n": len(records), "counts": {o: counts.get(o, 0) for o in OUTCOMES}, "accuracy": _rate(right, len(records))}
     if records and records[0]["family"] in ("world", "unknown"):
         out["hallucination_rate"] = hallucination(counts)["rate"]
+        phrasings: dict[str, Counter] = {}  # which wordings the model understands (glm5.data.world's templates)
+        for r in records:
+            if (p := r.get("meta", {}).get("phrasing")) is not None:
+                phrasings.setdefault(p, Counter())[r["outcome"]] += 1
+        if phrasings:
+            out["by_phrasing"] = {p: {"n": sum(c.values()), **{o: c[o] for o in OUTCOMES if c[o]}}
+                                  for p, c in sorted(phrasings.items())}
     if records and records[0]["family"] == "tool":
         out["valid_call_rate"] = _rate(sum(bool(r.get("tool_valid")) for r in records), len(records))
     return out

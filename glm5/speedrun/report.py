@@ -119,6 +119,19 @@ def targets_table(result: dict, longest_trained: int) -> str:
     return "\n".join(lines)
 
 
+def phrasing_table(result: dict) -> str | None:
+    """Known-entity world questions per question template (held-out wordings), worst first: which words the model
+    does not understand."""
+    rows = result.get("suites", {}).get("world", {}).get("by_phrasing")
+    if not rows:
+        return None
+    lines = ["| question (held-out wording) | n | correct | abstained | wrong |", "|---|---:|---:|---:|---:|"]
+    for p, c in sorted(rows.items(), key=lambda kv: (kv[1].get("correct", 0) / kv[1]["n"], kv[0])):
+        lines.append(f"| {p.replace('{x}', 'X')} | {c['n']} | {c.get('correct', 0)} | {c.get('abstained', 0)} | "
+                     f"{c.get('wrong', 0) + c.get('malformed', 0)} |")
+    return "\n".join(lines)
+
+
 def write_report(out: str | Path) -> Path:
     out = Path(out)
     state = json.loads((out / "speedrun.json").read_text())
@@ -154,6 +167,8 @@ def write_report(out: str | Path) -> Path:
                   "## Held-out evaluation", "", (out / "eval" / "table.md").read_text(), ""]
         if (p := plot_eval(out, result)) is not None:
             lines += [f"![eval]({p.name})", ""]
+        if (t := phrasing_table(result)) is not None:
+            lines += ["### World questions by wording", "", t, ""]
     lines += ["## Recipe", "", "```json", json.dumps(state.get("recipe_settings", {}), indent=2), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
