@@ -161,7 +161,8 @@ def test_world_outcomes_per_phrasing():
     recs = [{"suite": "world", "family": "world", "outcome": o, "meta": {"phrasing": p}}
             for p, o in [(a, CORRECT), (a, CORRECT), (b, ABSTAINED), (b, WRONG), (a, ABSTAINED)]]
     assert summarize(recs)["suites"]["world"]["by_phrasing"] == {
-        b: {"n": 2, WRONG: 1, ABSTAINED: 1}, a: {"n": 3, CORRECT: 2, ABSTAINED: 1}}
+        b: {"n": 2, CORRECT: 0, WRONG: 1, ABSTAINED: 1, MALFORMED: 0},
+        a: {"n": 3, CORRECT: 2, WRONG: 0, ABSTAINED: 1, MALFORMED: 0}}
 
 
 # --------------------------------------------------------------------------------------------------- tool loop

@@ -159,7 +159,7 @@ def suite_summary(records: list[dict]) -> dict:
             if (p := r.get("meta", {}).get("phrasing")) is not None:
                 phrasings.setdefault(p, Counter())[r["outcome"]] += 1
         if phrasings:
-            out["by_phrasing"] = {p: {"n": sum(c.values()), **{o: c[o] for o in OUTCOMES if c[o]}}
+            out["by_phrasing"] = {p: {"n": sum(c.values()), **{o: c[o] for o in OUTCOMES}}
                                   for p, c in sorted(phrasings.items())}
     if records and records[0]["family"] == "tool":
         out["valid_call_rate"] = _rate(sum(bool(r.get("tool_valid")) for r in records), len(records))

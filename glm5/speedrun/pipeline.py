@@ -95,6 +95,9 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
     return docs
 
 
+LATE_SEED = 97  # the late mixture's documents: another draw than the early ones (seeds 0-3 are the stages')
+
+
 def pretrain_docs(r: Recipe, tok, seed: int) -> list[list[int]]:
     """The pre-training stream: r.mixture, and from step r.late_from on r.late_mixture (documents drawn with another
     seed). The steps before late_from see exactly what a one-mixture run sees."""
@@ -114,9 +117,6 @@ def pretrain_docs(r: Recipe, tok, seed: int) -> list[list[int]]:
     late = mixture_docs(r, tok, (spec.steps - r.late_from + 1) * row, r.pretrain_retrieval_tokens, seed + LATE_SEED,
                         r.late_mixture)
     return docs[:cut] + late
-
-
-LATE_SEED = 97  # the late mixture's documents: another draw than the early ones (seeds 0-3 are the stages')
 
 
 def long_lengths(r: Recipe, spec) -> tuple[int, int]:

@@ -126,9 +126,9 @@ def phrasing_table(result: dict) -> str | None:
     if not rows:
         return None
     lines = ["| question (held-out wording) | n | correct | abstained | wrong |", "|---|---:|---:|---:|---:|"]
-    for p, c in sorted(rows.items(), key=lambda kv: (kv[1].get("correct", 0) / kv[1]["n"], kv[0])):
-        lines.append(f"| {p.replace('{x}', 'X')} | {c['n']} | {c.get('correct', 0)} | {c.get('abstained', 0)} | "
-                     f"{c.get('wrong', 0) + c.get('malformed', 0)} |")
+    for p, c in sorted(rows.items(), key=lambda kv: (kv[1]["correct"] / kv[1]["n"], kv[0])):
+        lines.append(f"| {p.replace('{x}', 'X')} | {c['n']} | {c['correct']} | {c['abstained']} | "
+                     f"{c['wrong'] + c['malformed']} |")
     return "\n".join(lines)
 
 
