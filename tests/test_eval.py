@@ -425,6 +425,11 @@ def test_default_suites_and_cli(tok, tmp_path, capsys):
     assert [(e.meta["length_bucket"], e.meta["depth_bucket"]) for e in s["retrieval"]] == [(128, 0.5), (256, 0.5)]
     for e in s["retrieval"]:  # context measured in this tokenizer's tokens
         assert abs(len(tok.encode(e.prompt_messages[-1]["content"])) - e.meta["length_bucket"]) <= 16
+    # {length: examples}: that many at each length, split over the depths (the speedrun's eval weights its lengths)
+    m = default_suites(("retrieval",), n=2, seed=0, tokenizer=tok, lengths={128: 4, 256: 2}, depths=(0.1, 0.9))
+    cells = [(e.meta["length_bucket"], e.meta["depth_bucket"]) for e in m["retrieval"]]
+    assert cells == [(128, 0.1), (128, 0.1), (128, 0.9), (128, 0.9), (256, 0.1), (256, 0.9)]
+    assert len({e.prompt_messages[-1]["content"] for e in m["retrieval"]}) == 6
     out = tmp_path / "eval.json"
     rc = main(["eval", "--model", "tiny", "--n", "1", "--suites", "arithmetic,tool", "--max-tokens", "3",
                "--cache-mib", "8", "--quiet", "--json", str(out)])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 import torch
 
@@ -212,7 +213,8 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
 def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, lengths=RETRIEVAL_LENGTHS,
                    depths=RETRIEVAL_DEPTHS) -> dict[str, list[Example]]:
     """Held-out suites from glm5.data: n per family; retrieval n split over the (length, depth) grid (>= 1 a cell),
-    its context measured in this tokenizer's tokens. Each retrieval example's meta gets the grid cell it was asked
+    or, with lengths a mapping {context length: examples}, that many at each length, split over the depths; the
+    context measured in this tokenizer's tokens. Each retrieval example's meta gets the grid cell it was asked
     for (length_bucket, depth_bucket): the generator's own context_tokens / depth are what it achieved, which
     varies a little per example."""
     try:
@@ -222,10 +224,11 @@ def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, leng
     suites = {}
     for fam in families:
         if fam == "retrieval":
-            per = max(1, n // (len(lengths) * len(depths)))
+            per_length = dict(lengths) if isinstance(lengths, Mapping) else {L: n // len(lengths) for L in lengths}
             count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else None
             suites[fam] = []
-            for k, (L, d) in enumerate((L, d) for L in lengths for d in depths):
+            for k, (L, d) in enumerate((L, d) for L in per_length for d in depths):
+                per = max(1, per_length[L] // len(depths))
                 for ex in examples(fam, "heldout", per, seed + k, context_tokens=L, depth=d, count_tokens=count):
                     ex.meta.update(length_bucket=L, depth_bucket=d)
                     suites[fam].append(ex)

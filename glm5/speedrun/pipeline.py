@@ -353,7 +353,7 @@ def stage_eval(run: Run) -> dict:
     model = load_model(run.out / "model", dtype=torch.float32)
     tok = Tokenizer.from_dir(run.out / "model")
     result = evaluate(model, tok, n=r.eval_n, seed=r.seed + 1000, max_tokens=r.eval_max_tokens,
-                      retrieval_lengths=r.eval_retrieval_lengths, progress=False)
+                      retrieval_lengths=r.eval_retrieval, progress=False)
     (run.out / "eval").mkdir(parents=True, exist_ok=True)
     (run.out / "eval" / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (run.out / "eval" / "table.md").write_text(format_table(result) + "\n")
@@ -373,7 +373,7 @@ def stage_weights(r: Recipe) -> dict[str, float]:
         return s.steps * s.batch_size * (s.seq_len + 1) / (5000 / (1 + s.seq_len / 4096))
 
     w = {"tokenizer": 20.0, "export": 3.0, "report": 5.0,
-         "eval": 1.5 * r.eval_n + 0.2 * r.eval_n * sum(r.eval_retrieval_lengths) / 1024}
+         "eval": 1.5 * r.eval_n + 0.6 * sum(L * n for L, n in r.eval_retrieval.items()) / 1024}
     for name in TRAIN_STAGES:
         w[name] = train_s(getattr(r, name)) * (0.4 if name == "dsa_warmup" else 1.0) + 10
     return w
