@@ -253,3 +253,15 @@ def test_copy_probe_scores_the_repeated_tool_result(ci_run):
         nll -= sum(logp[prefix - 1 + i, t].item() for i, t in enumerate(num))
         count += len(num)
     assert copy_probe(model_dir, tok, n=6) == pytest.approx(nll / count, abs=2e-3)
+
+
+def test_full_run_without_fast_bf16_is_warned_about(monkeypatch):
+    """A full speedrun on a CPU without AMX trains in fp32, which has not made a copying model yet: said up front.
+    Where bf16 is fast, and for the CI-sized recipe, nothing is said."""
+    import glm5.speedrun.pipeline as P
+    from glm5.speedrun.recipe import CI, FULL
+
+    for autocast, recipe, warned in (("none", FULL, True), ("bf16", FULL, False), ("none", CI, False)):
+        monkeypatch.setattr(P, "autocast_for", lambda device, a=autocast: a)
+        msg = P.platform_warning(recipe, "cpu")
+        assert (msg is not None) == warned and (not warned or "fp32" in msg and "copy" in msg)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .recipe import RECIPES, Recipe
+from .recipe import FULL, RECIPES, Recipe
 
 log = logging.getLogger("glm5.speedrun")
 TRAIN_STAGES = ("pretrain", "dsa_warmup", "sparse", "sft")
@@ -145,6 +145,15 @@ def autocast_for(device: str) -> str:
         return "bf16"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     return "bf16" if amx() else "none"
+
+
+def platform_warning(r: Recipe, device: str) -> str | None:
+    """What a user should know before a full run on this machine, or None."""
+    if r.name == FULL.name and autocast_for(device) == "none":
+        return ("this CPU has no fast bf16 (no AMX): the speedrun trains in fp32, about twice as slowly, and another "
+                "model than the shipped one. On such CPUs FULL's pre-training has so far not learned to copy from "
+                "its context, which most of the eval needs (README; dev/LOG.md, sessions 10-11)")
+    return None
 
 
 def base_config(r: Recipe, tok):
@@ -389,6 +398,8 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, r, device, progress)
     run.save_state()
+    if warning := platform_warning(r, device):
+        log.warning("%s", warning)
     weights = stage_weights(r)
     total = sum(weights.values())
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
