@@ -6,6 +6,7 @@ Models that must match a reference have perturbed (std 0.15) weights and every r
 margin, so a mismatch is a bug, not a rounding-level tie between differently shaped computations.
 """
 
+import argparse
 from types import SimpleNamespace
 
 import pytest
@@ -430,6 +431,12 @@ def test_default_suites_and_cli(tok, tmp_path, capsys):
     cells = [(e.meta["length_bucket"], e.meta["depth_bucket"]) for e in m["retrieval"]]
     assert cells == [(128, 0.1), (128, 0.1), (128, 0.9), (128, 0.9), (256, 0.1), (256, 0.9)]
     assert len({e.prompt_messages[-1]["content"] for e in m["retrieval"]}) == 6
+    from glm5.eval.cli import _lengths
+
+    assert _lengths("1024,2048") == [1024, 2048] and _lengths("1024:300, 2048:33") == {1024: 300, 2048: 33}
+    for bad in ("1024:300,2048", "1024:x", "0:5", "1024:0", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _lengths(bad)
     out = tmp_path / "eval.json"
     rc = main(["eval", "--model", "tiny", "--n", "1", "--suites", "arithmetic,tool", "--max-tokens", "3",
                "--cache-mib", "8", "--quiet", "--json", str(out)])

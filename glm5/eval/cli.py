@@ -1,7 +1,7 @@
 """`glm5 eval`: held-out suites through the engine, a markdown table on stdout, optionally the full JSON.
 
     glm5 eval [--model DIR] [--tokenizer DIR] [--n 100] [--seed 0] [--suites arithmetic,world,...]
-              [--retrieval-lengths 1024,2048,4096] [--max-tokens 256] [--json out.json]
+              [--retrieval-lengths 1024,2048,4096 | 1024:300,...] [--max-tokens 256] [--json out.json]
 
 glm5/cli.py calls `add_parser(sub)`.
 """
@@ -22,6 +22,22 @@ def _ints(s: str) -> list[int]:
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
     return out
+
+
+def _lengths(s: str) -> list[int] | dict[int, int]:
+    """"1024,2048" (n split over them) or "1024:300,2048:33" (that many examples at each length)."""
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    if items and all(":" in x for x in items):
+        try:
+            out = {int(a): int(b) for a, b in (x.split(":") for x in items)}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected LENGTH:EXAMPLES pairs, got {s!r}") from None
+        if min(out) < 1 or min(out.values()) < 1:
+            raise argparse.ArgumentTypeError(f"expected positive lengths and counts, got {s!r}")
+        return out
+    if any(":" in x for x in items):
+        raise argparse.ArgumentTypeError(f"give every length a count (1024:300,2048:33) or none, got {s!r}")
+    return _ints(s)
 
 
 def _floats(s: str) -> list[float]:
@@ -53,7 +69,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="examples per suite (retrieval: spread over the grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suites", type=_suites, default=list(FAMILIES), help=f"comma-separated ({','.join(FAMILIES)})")
-    p.add_argument("--retrieval-lengths", type=_ints, default=[1024, 2048, 4096], help="context tokens")
+    p.add_argument("--retrieval-lengths", type=_lengths, default=[1024, 2048, 4096],
+                   help="context tokens (the retrieval n split over them), or LENGTH:EXAMPLES pairs; the speedrun's "
+                        "eval: 1024:300,2048:33,4096:33 --seed 1000")
     p.add_argument("--retrieval-depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depth in [0, 1]")
     p.add_argument("--max-tokens", type=int, default=256, help="per generation round")
     p.add_argument("--no-mtp", action="store_true", help="skip measuring MTP draft acceptance")
