@@ -263,5 +263,22 @@ def test_full_run_without_fast_bf16_is_warned_about(monkeypatch):
 
     for autocast, recipe, warned in (("none", FULL, True), ("bf16", FULL, False), ("none", CI, False)):
         monkeypatch.setattr(P, "autocast_for", lambda device, a=autocast: a)
-        msg = P.platform_warning(recipe, "cpu")
+        msg = P.platform_warning(recipe, "cpu", autocast)
         assert (msg is not None) == warned and (not warned or "fp32" in msg and "copy" in msg)
+    assert P.platform_warning(FULL, "cpu", "bf16") is None  # asked for bf16 on such a CPU: slow, but its choice
+
+
+def test_autocast_is_chosen_recorded_and_checked(tmp_path, monkeypatch):
+    """--autocast auto resolves per machine; an explicit choice is kept and written to speedrun.json (which the
+    training stages' configs read as run.autocast); anything else is refused before any work."""
+    import glm5.speedrun.pipeline as P
+    from glm5.speedrun.recipe import CI
+
+    monkeypatch.setattr(P, "autocast_for", lambda device: "bf16")
+    assert P.Run(tmp_path / "a", CI, "cpu", False).autocast == "bf16"
+    run = P.Run(tmp_path / "b", CI, "cpu", False, "none")
+    (tmp_path / "b").mkdir()
+    run.save_state()
+    assert run.autocast == "none" and json.loads((tmp_path / "b" / "speedrun.json").read_text())["autocast"] == "none"
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        P.Run(tmp_path / "c", CI, "cpu", False, "fp16")

@@ -20,6 +20,9 @@ def add_parser(sub):
     p.add_argument("--out-dir", default="runs/speedrun")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto",
+                   help="training numerics: bf16 autocast where bf16 matmuls are fast (CUDA, AMX CPUs), else fp32 "
+                        "(auto); or either one (the shipped model trained in bf16)")
     p.add_argument("--stop-after", help="stop after this stage (e.g. sft), continue later with the same --out-dir")
     p.add_argument("--ship", action="store_true", help="afterwards, install the result as the package's default "
                    "model (glm5/assets/model/), replacing the one there")
@@ -39,7 +42,8 @@ def cmd_speedrun(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model = run_speedrun(args.out_dir, args.recipe, args.device, args.progress, args.stop_after)
+        model = run_speedrun(args.out_dir, args.recipe, args.device, args.progress, args.stop_after,
+                             args.autocast)
         if args.ship:
             print(f"glm5 speedrun: installed as the default model in {ship(args.out_dir)}")
     except (DataError, ValueError, OSError) as e:

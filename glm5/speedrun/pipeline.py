@@ -138,6 +138,9 @@ def sft_examples(r: Recipe, tok, seed: int) -> list:
 
 
 # -- stages -------------------------------------------------------------------------------------------------------
+AUTOCASTS = ("auto", "bf16", "none")
+
+
 def autocast_for(device: str) -> str:
     """bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX); fp32 elsewhere (AVX2 CPUs multiply bf16
     hundreds of times slower than fp32)."""
@@ -147,9 +150,9 @@ def autocast_for(device: str) -> str:
     return "bf16" if amx() else "none"
 
 
-def platform_warning(r: Recipe, device: str) -> str | None:
-    """What a user should know before a full run on this machine, or None."""
-    if r.name == FULL.name and autocast_for(device) == "none":
+def platform_warning(r: Recipe, device: str, autocast: str) -> str | None:
+    """What a user should know before a full run on this machine with this autocast, or None."""
+    if r.name == FULL.name and autocast == "none" and autocast_for(device) == "none":
         return ("this CPU has no fast bf16 (no AMX): the speedrun trains in fp32, about twice as slowly, and another "
                 "model than the shipped one. On such CPUs FULL's pre-training has so far not learned to copy from "
                 "its context, which most of the eval needs (README; dev/LOG.md, sessions 10-11)")
@@ -167,8 +170,11 @@ def base_config(r: Recipe, tok):
 class Run:
     """One speedrun directory: where each stage writes, which stages finished, the progress display."""
 
-    def __init__(self, out: Path, recipe: Recipe, device: str, progress):
+    def __init__(self, out: Path, recipe: Recipe, device: str, progress, autocast: str = "auto"):
+        if autocast not in AUTOCASTS:
+            raise ValueError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
         self.out, self.r, self.device, self.progress = out, recipe, device, progress
+        self.autocast = autocast_for(device) if autocast == "auto" else autocast
         self.timings: dict[str, float] = {}
         self.gflops: dict[str, float] = {}  # the machine's fp32 matmul speed as each stage started
         state = out / "speedrun.json"
@@ -177,6 +183,9 @@ class Run:
             if saved.get("recipe") != recipe.name:
                 raise ValueError(f"{out} holds a speedrun of recipe {saved.get('recipe')!r}, not {recipe.name!r}: "
                                  "choose another --out-dir")
+            if saved.get("autocast", self.autocast) != self.autocast:
+                log.warning("%s trained so far with autocast %r; the stages left train with %r", out,
+                            saved["autocast"], self.autocast)
             self.timings = saved.get("timings", {})
             self.gflops = saved.get("matmul_gflops", {})
 
@@ -194,7 +203,7 @@ class Run:
     def save_state(self) -> None:
         from ..weights import atomic_write
 
-        state = {"recipe": self.r.name, "device": self.device, "autocast": autocast_for(self.device),
+        state = {"recipe": self.r.name, "device": self.device, "autocast": self.autocast,
                  "threads": torch.get_num_threads(), "timings": self.timings, "matmul_gflops": self.gflops,
                  "longest_trained_retrieval": long_lengths(self.r, self.r.sft)[1], "recipe_settings": asdict(self.r)}
         atomic_write(self.out / "speedrun.json", lambda tmp: tmp.write_text(json.dumps(state, indent=2) + "\n"))
@@ -258,7 +267,7 @@ def stage_train(run: Run, name: str, on_step) -> dict:
     cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=r.sft_stage if name == "sft" else name,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=spec.optimizer, mtp_depth=1,
-                      device=run.device, autocast=autocast_for(run.device), seed=seed,
+                      device=run.device, autocast=run.autocast, seed=seed,
                       save_every=max(10, spec.steps // 4), keep_last=1,
                       resume="auto", progress=False, plots=True, recall_every=10, split_docs=not r.whole_docs)
     rec = train(cfg, source, on_step)
@@ -389,16 +398,17 @@ def stage_weights(r: Recipe) -> dict[str, float]:
 
 
 def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "full", device: str = "cpu",
-                 progress: bool = True, stop_after: str | None = None) -> Path:
-    """Run (or continue) a speedrun in out_dir; returns the exported model directory."""
+                 progress: bool = True, stop_after: str | None = None, autocast: str = "auto") -> Path:
+    """Run (or continue) a speedrun in out_dir; returns the exported model directory. autocast: "auto" (bf16 where
+    bf16 matmuls are fast, else fp32: `autocast_for`), "bf16" or "none" (fp32)."""
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(out, r, device, progress)
+    run = Run(out, r, device, progress, autocast)
     run.save_state()
-    if warning := platform_warning(r, device):
+    if warning := platform_warning(r, device, run.autocast):
         log.warning("%s", warning)
     weights = stage_weights(r)
     total = sum(weights.values())
