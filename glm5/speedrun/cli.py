@@ -13,6 +13,7 @@ import sys
 
 
 def add_parser(sub):
+    from .pipeline import AUTOCASTS
     from .recipe import RECIPES
 
     p = sub.add_parser("speedrun", help="tokenizer -> pre-training -> DSA stages -> SFT -> export -> eval -> report")
@@ -20,7 +21,7 @@ def add_parser(sub):
     p.add_argument("--out-dir", default="runs/speedrun")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto",
+    p.add_argument("--autocast", choices=AUTOCASTS, default="auto",
                    help="training numerics: bf16 autocast where bf16 matmuls are fast (CUDA, AMX CPUs), else fp32 "
                         "(auto); or either one (the shipped model trained in bf16)")
     p.add_argument("--stop-after", help="stop after this stage (e.g. sft), continue later with the same --out-dir")
