@@ -13,7 +13,7 @@ from glm5.train.balance import imbalance, moe_layers, update_bias
 from glm5.train.checkpoint import list_checkpoints
 from glm5.train.losses import ForwardLoss, loss_denominators, topk_recall
 from glm5.train.loop import set_stage
-from glm5.train.optim import build_optimizer, lr_factor
+from glm5.train.optim import Muon, build_optimizer, lr_factor, newton_schulz
 
 from .conftest import perturb
 
@@ -193,6 +193,36 @@ def test_sparse_stage_gradients_are_separated():
     model.impl = glm5.Impl(dsa="off")
     _, dense, _ = net(toks, doc, pos, loss_denominators(toks, doc, 1))
     assert abs(float(dense["lm"].detach() - losses["lm"].detach())) > 1e-3
+
+
+def test_muon_newton_schulz_in_fp32_is_torchs_update():
+    """glm5's Muon is torch.optim.Muon with the Newton-Schulz iterations in a chosen dtype: in bf16 the iteration is
+    torch's bit for bit; in fp32 a few steps land where torch's (bf16) land, within bf16's rounding, and the optimizer
+    state loads into torch's own Muon."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((48, 32), (32, 48)):
+        m = torch.randn(shape, generator=g)
+        assert torch.equal(newton_schulz(m, (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16),
+                           _zeropower_via_newtonschulz(m, (3.4445, -4.7750, 2.0315), 5, 1e-7))
+    w0 = [torch.randn(48, 32, generator=g), torch.randn(16, 64, generator=g)]
+    grads = [[torch.randn(w.shape, generator=g) for w in w0] for _ in range(3)]
+    runs = {}
+    for name, make in (("torch", lambda ps: torch.optim.Muon(ps, **kw)),
+                       ("fp32", lambda ps: Muon(ps, ns_dtype=torch.float32, **kw))):
+        kw = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        ps = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = make(ps)
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        runs[name] = (ps, opt)
+    for a, b, w in zip(runs["torch"][0], runs["fp32"][0], w0):
+        delta_a, delta_b = (a - w).detach(), (b - w).detach()
+        assert (delta_a - delta_b).norm() < 0.02 * delta_a.norm()
+    torch.optim.Muon([torch.nn.Parameter(w.clone()) for w in w0]).load_state_dict(runs["fp32"][1].state_dict())
 
 
 def test_optimizer_groups():

@@ -144,10 +144,9 @@ AUTOCASTS = ("auto", "bf16", "none")
 def autocast_for(device: str) -> str:
     """bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX); fp32 elsewhere (AVX2 CPUs multiply bf16
     hundreds of times slower than fp32)."""
-    if device.startswith("cuda"):
-        return "bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return "bf16" if amx() else "none"
+    from ..train.optim import bf16_is_fast
+
+    return "bf16" if bf16_is_fast(device) else "none"
 
 
 def platform_warning(r: Recipe, device: str, autocast: str) -> str | None:
