@@ -35,7 +35,7 @@ def test_every_stage_ran_and_continued_without_redoing(ci_run):
 
     assert sft[-1]["stage"] == CI.sft_stage and (("indexer_kl" in sft[-1]) == (CI.sft_stage == "sparse"))
     used = {}
-    for stage in ("pretrain", "dsa_warmup", "sparse", "sft"):  # each stage trains with its own optimizer
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align"):  # each stage trains with its own optimizer
         [ck] = (out / stage / "checkpoints").iterdir()
         used[stage] = json.loads((ck / "trainer_state.json").read_text())["config"]["optimizer"]
     assert used == {s: getattr(CI, s).optimizer for s in used} and len(set(used.values())) == 2
@@ -201,7 +201,7 @@ def test_fact_probe_scores_each_fact_as_one_unpadded_pass_would(ci_run):
     from glm5.tokenizer import Tokenizer
 
     out, model_dir = ci_run
-    for stage in ("pretrain", "dsa_warmup", "sparse", "sft"):
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align"):
         info = json.loads((out / stage / "done.json").read_text())
         assert info["fact_nll"] > 0 and 0 <= info["fact_recall"] <= 1
     assert "facts recalled" in (out / "report.md").read_text()
@@ -235,7 +235,7 @@ def test_copy_probe_scores_the_repeated_tool_result(ci_run):
     from glm5.train.sft import chat_doc
 
     out, model_dir = ci_run
-    for stage in ("pretrain", "dsa_warmup", "sparse", "sft"):
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align"):
         assert json.loads((out / stage / "done.json").read_text())["copy_nll"] > 0
     assert "copy NLL" in (out / "report.md").read_text()
     tok = Tokenizer.from_dir(model_dir)

@@ -1,11 +1,11 @@
-"""`run_speedrun`: tokenizer -> pre-training -> DSA dense warm-up -> sparse stage -> SFT -> HF export -> eval (of the
-exported files) -> report.md, each stage a function of the run directory. A stage that finished leaves
-`<stage>/done.json`; running again with the same --out-dir skips finished stages and resumes a training stage from
-its newest checkpoint, so a killed speedrun loses at most `save_every` steps.
+"""`run_speedrun`: tokenizer -> pre-training -> DSA dense warm-up -> sparse stage -> SFT -> indexer alignment -> HF
+export -> eval (of the exported files) -> report.md, each stage a function of the run directory. A stage that finished
+leaves `<stage>/done.json`; running again with the same --out-dir skips finished stages and resumes a training stage
+from its newest checkpoint, so a killed speedrun loses at most `save_every` steps.
 
-Layout of OUT: tokenizer/, pretrain/, dsa_warmup/, sparse/, sft/ (each a glm5 train run: metrics.jsonl, plots,
-checkpoints/), eval/eval.json, model/ (the exported checkpoint: config.json, model.safetensors, tokenizer files),
-report.md, speedrun.json (timings).
+Layout of OUT: tokenizer/, pretrain/, dsa_warmup/, sparse/, sft/, dsa_align/ (each a glm5 train run: metrics.jsonl,
+plots, checkpoints/), eval/eval.json, model/ (the exported checkpoint: config.json, model.safetensors, tokenizer
+files), report.md, speedrun.json (timings).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import torch
 from .recipe import FULL, RECIPES, Recipe
 
 log = logging.getLogger("glm5.speedrun")
-TRAIN_STAGES = ("pretrain", "dsa_warmup", "sparse", "sft")
+TRAIN_STAGES = ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align")
+# The stage each trains as (glm5.train.loop): dsa_align is the warm-up's indexer-only KL again, after the SFT (which
+# trains with dense attention), so that the indexers pick the keys the SFT'd model attends to.
+TRAIN_AS = {"dsa_align": "dsa_warmup"}
 STAGES = ("tokenizer", *TRAIN_STAGES, "export", "eval", "report")  # eval reads the exported (shipped) files
 
 
@@ -263,7 +266,8 @@ def stage_train(run: Run, name: str, on_step) -> dict:
         source = ChatDocs(sft_examples(r, tok, seed), tok)
     else:
         source = mixture_docs(r, tok, tokens, long_lengths(r, spec), seed)
-    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=r.sft_stage if name == "sft" else name,
+    stage = r.sft_stage if name == "sft" else TRAIN_AS.get(name, name)
+    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=stage,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=spec.optimizer, mtp_depth=1,
                       device=run.device, autocast=run.autocast, seed=seed,
@@ -348,7 +352,7 @@ def stage_export(run: Run) -> dict:
     dst = run.out / "model"
     tmp = run.out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = load_model(run.last_model("sft"), dtype=torch.float32)
+    model = load_model(run.last_model(TRAIN_STAGES[-1]), dtype=torch.float32)
     save_checkpoint(model, tmp, dtype=torch.bfloat16)  # the release format: BF16 safetensors + config.json
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(run.out / "tokenizer" / f, tmp / f)
@@ -392,7 +396,7 @@ def stage_weights(r: Recipe) -> dict[str, float]:
     w = {"tokenizer": 20.0, "export": 3.0, "report": 5.0,
          "eval": 1.5 * r.eval_n + 0.6 * sum(L * n for L, n in r.eval_retrieval.items()) / 1024}
     for name in TRAIN_STAGES:
-        w[name] = train_s(getattr(r, name)) * (0.4 if name == "dsa_warmup" else 1.0) + 10
+        w[name] = train_s(getattr(r, name)) * (0.4 if TRAIN_AS.get(name, name) == "dsa_warmup" else 1.0) + 10
     return w
 
 

@@ -18,9 +18,9 @@ class Stage:
     lr: float
     warmup_steps: int = 10
     schedule: str = "cosine"
-    # glm5.train.optim's "adamw" or "muon". Trained on arithmetic alone, Muon scored 5x AdamW at equal steps, but
-    # every full run pre-trained with it lost copying from the context (tool answers 11-33%, retrieval 0%), SFT with
-    # AdamW or not (dev/LOG.md): FULL uses AdamW throughout.
+    # glm5.train.optim's "adamw" or "muon". FULL pre-trains with Muon: in fp32 on an AVX2 CPU, 2 of 2 Muon
+    # pre-trainings learned to copy from the context by step 675 and recalled 99% of the world's facts, where 0 of 5
+    # AdamW ones copied there (dev/LOG.md, session 12). The later stages fine-tune with AdamW.
     optimizer: str = "adamw"
 
 
@@ -33,6 +33,10 @@ class Recipe:
     dsa_warmup: Stage
     sparse: Stage
     sft: Stage
+    # After the SFT, the indexers alone learn the SFT'd model's attention again (the warm-up's loss): the SFT trains
+    # with dense attention and moves it. Without this, two Muon runs retrieved at 1K tokens with sparse attention
+    # 59% / 82% against dense 89% / 95%; after 40 steps (~1 minute) 95% / 90% (dev/LOG.md, session 12).
+    dsa_align: Stage
     # pre-training / sparse-stage token mixture (fractions); rendered chats are trained on every token there
     # ("copy": glm5.data.copy_texts drills, 0 here: 15% of them taught copying inside the drills only; dev/LOG.md)
     mixture: dict = field(default_factory=lambda: {
@@ -71,10 +75,11 @@ FULL = Recipe(
                n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, num_nextn_predict_layers=1,
                max_position_embeddings=8192, rope_theta=10_000.0, dtype="bfloat16"),
     vocab_size=4096,
-    pretrain=Stage(steps=900, seq_len=512, batch_size=8, lr=3e-3, warmup_steps=30),
+    pretrain=Stage(steps=900, seq_len=512, batch_size=8, lr=3e-3, warmup_steps=30, optimizer="muon"),
     dsa_warmup=Stage(steps=40, seq_len=1152, batch_size=4, lr=3e-3, warmup_steps=3, schedule="constant"),
     sparse=Stage(steps=50, seq_len=1152, batch_size=8, lr=1e-3, warmup_steps=5),
     sft=Stage(steps=260, seq_len=1152, batch_size=8, lr=1e-3, warmup_steps=10),
+    dsa_align=Stage(steps=40, seq_len=1152, batch_size=4, lr=3e-3, warmup_steps=3, schedule="constant"),
 )
 
 CI = replace(
@@ -83,10 +88,11 @@ CI = replace(
                q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                index_head_dim=16, max_position_embeddings=2048),
     vocab_size=600,
-    pretrain=Stage(steps=8, seq_len=128, batch_size=4, lr=3e-3, warmup_steps=2),
+    pretrain=Stage(steps=8, seq_len=128, batch_size=4, lr=3e-3, warmup_steps=2, optimizer="muon"),  # as FULL
     dsa_warmup=Stage(steps=3, seq_len=256, batch_size=2, lr=3e-3, warmup_steps=1, schedule="constant"),
-    sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1, optimizer="muon"),  # both run in CI
+    sparse=Stage(steps=3, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
     sft=Stage(steps=4, seq_len=256, batch_size=2, lr=1e-3, warmup_steps=1),
+    dsa_align=Stage(steps=2, seq_len=256, batch_size=2, lr=3e-3, warmup_steps=1, schedule="constant"),
     mixture=dict(FULL.mixture), pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(100, 150),
     sft_chats={"arithmetic": 12, "world": 8, "unknown": 4, "tool": 4, "chat": 4, "retrieval": 2},
     eval_n=3, eval_retrieval={128: 3}, eval_max_tokens=24, index_topk=16,
