@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim._muon import _adjust_lr  # torch's per-matrix Muon LR, reused as is
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -76,16 +77,8 @@ class Muon(torch.optim.Muon):
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                        self.ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-_muon_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
         return loss
-
-
-def _muon_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's per-matrix LR: "match_rms_adamw" scales by 0.2 sqrt(max(A, B)) (Moonlight)."""
-    a, b = shape[:2]
-    if adjust_lr_fn in (None, "original"):
-        return lr * math.sqrt(max(1, a / b))
-    return lr * (0.2 * math.sqrt(max(a, b)) if adjust_lr_fn == "match_rms_adamw" else 1.0)
 
 
 class Optimizers:
