@@ -52,30 +52,6 @@ def test_train_and_heldout_prompts_are_disjoint(family):
     assert heldout and not train & heldout
 
 
-def test_world_questions_split_by_entity_and_unseen_wordings_are_never_trained():
-    """Held-out world questions ask about entities no training question names (their facts are only read in the
-    encyclopedia, which states every entity), of every kind; the unseen wordings appear in no training question."""
-    from glm5.data.world import QUESTIONS, entity_split
-
-    w = world(0)
-    asked = {s: [e for seed in (0, 1) for e in examples("world", s, 2000, seed)] for s in SPLITS}
-    names = {s: {e.meta["entity"] for e in exs} for s, exs in asked.items()}
-    assert not names["train"] & names["heldout"] and names["train"] | names["heldout"] == {e.name for e in w.entities}
-    assert all(entity_split(n) == s for s, ns in names.items() for n in ns)
-    assert {w.by_name[n].kind for n in names["heldout"]} == {"country", "city", "company", "person"}
-    assert 0.1 < len(names["heldout"]) / len(w.entities) < 0.3
-    unseen = {q for _, u in QUESTIONS.values() for q in u}
-    trained = {e.meta["phrasing"] for s in SPLITS for e in asked[s]} | {
-        e.meta["phrasing"] for e in examples("unknown", "train", 500)}
-    assert not trained & unseen
-    reworded = examples("world", "heldout", 200, wording="unseen")
-    assert {e.meta["phrasing"] for e in reworded} <= unseen and {e.meta["entity"] for e in reworded} <= names["heldout"]
-    with pytest.raises(ValueError, match="evaluation only"):
-        examples("world", "train", 1, wording="unseen")
-    with pytest.raises(ValueError, match="wording must be one of"):
-        examples("world", "heldout", 1, wording="odd")
-
-
 def test_operand_pairs_are_disjoint():
     for family in ("arithmetic", "tool"):
         pairs = {s: {(e.meta["a"], e.meta["op"], e.meta["b"]) for seed in (0, 1)

@@ -153,13 +153,11 @@ def test_world_outcomes_per_phrasing():
     from glm5.data import examples
     from glm5.data.world import QUESTIONS
 
-    asked = {q for a, _ in QUESTIONS.values() for q in a}
-    unseen = {q for _, u in QUESTIONS.values() for q in u}
-    for wording, templates in (("asked", asked), ("unseen", unseen)):
-        exs = examples("world", "heldout", 40, seed=2, wording=wording)
-        assert all(ex.meta["phrasing"] in templates and ex.meta["wording"] == wording and ex.messages[0]["content"]
-                   == ex.meta["phrasing"].format(x=ex.meta["entity"]) for ex in exs)
-    assert all(ex.meta["phrasing"] in asked for ex in examples("unknown", "train", 20, seed=2))
+    exs = examples("world", "heldout", 40, seed=2)
+    heldout = {q for _, h in QUESTIONS.values() for q in h}
+    assert all(ex.meta["phrasing"] in heldout and ex.messages[0]["content"] == ex.meta["phrasing"].format(
+        x=ex.meta["entity"]) for ex in exs)
+    assert all(ex.meta["phrasing"] not in heldout for ex in examples("unknown", "train", 20, seed=2))
     a, b = "When was {x} founded?", "In what year was {x} established?"
     recs = [{"suite": "world", "family": "world", "outcome": o, "meta": {"phrasing": p}}
             for p, o in [(a, CORRECT), (a, CORRECT), (b, ABSTAINED), (b, WRONG), (a, ABSTAINED)]]

@@ -12,11 +12,8 @@ are cities) whose leaf values are invented names, professions from a short list,
 sentence templates and attribute orders: without such augmentation a small model memorises the biography text but
 cannot answer questions about it.
 
-Splits, following the same paper: every entity's facts are in the encyclopedia, and a hash of the name splits the
-entities, so the `world` questions of the heldout split ask about entities that no training question asks about (the
-model must extract facts it only read); `unknown` splits its invented names by hash the same way. Both ask in the
-"asked" wordings (3 per attribute). A further 2 "unseen" wordings per attribute are never trained on: held-out world
-questions in them (`wording="unseen"`) measure paraphrase on top of extraction, reported beside the target.
+Splits: `world` uses disjoint question templates (3 train, 2 heldout phrasings per attribute) over the same
+entities; `unknown` uses the same templates split the same way, and a name hash splits the invented names.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ STATEMENTS = {
     "headquarters": "The headquarters of {x} are in {y}.", "birthplace": "{x} was born in the city of {y}.",
     "born": "{x} was born in the year {y}.", "profession": "{x} works as a {y}.",
 }
-# (asked wordings, unseen wordings) per attribute: both splits ask in the first; the second is never trained on.
+# (train phrasings, heldout phrasings) per attribute: disjoint, so heldout measures paraphrase generalisation.
 QUESTIONS = {
     "capital": (("What is the capital of {x}?", "Name the capital of {x}.", "Which city is the capital of {x}?"),
                 ("What city serves as the capital of {x}?", "Tell me the capital of {x}.")),
@@ -88,8 +85,6 @@ OTHER_WORDS = {
     "profession": ("The kind of work {x} does is the work of a {y}.", "{x} is a {y} by profession."),
 }
 UNKNOWN_HELDOUT_PERCENT = 20
-WORLD_HELDOUT_PERCENT = 20  # of the entities: 55 of 240 in world(0), every kind among them
-WORDINGS = ("asked", "unseen")
 
 
 # ------------------------------------------------------------------------------------------------------- names
@@ -251,38 +246,27 @@ def encyclopedia(w: World, seed: int = 0, paraphrases: int = 4, styles: tuple[in
 
 
 # ---------------------------------------------------------------------------------------------------- families
-def entity_split(name: str) -> str:
-    """Which split asks about the entity `name` (a pure function of the name)."""
-    return split_of(f"world {name}", WORLD_HELDOUT_PERCENT)
+def _phrasing(rng: random.Random, split: str, attribute: str) -> str:
+    """A question template of the split ("When was {x} founded?"); examples keep it in meta["phrasing"], so the eval
+    can say which wordings a model understands."""
+    return rng.choice(QUESTIONS[attribute][split == "heldout"])
 
 
-def _phrasing(rng: random.Random, attribute: str, wording: str = "asked") -> str:
-    """A question template ("When was {x} founded?"); examples keep it in meta["phrasing"], so the eval can say which
-    wordings a model understands."""
-    return rng.choice(QUESTIONS[attribute][WORDINGS.index(wording)])
-
-
-def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0, wording: str = "asked") -> list[Example]:
-    """Questions about the entities of `split` (entity_split); wording="unseen" (heldout only) asks in the wordings
-    no training example uses."""
+def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list[Example]:
     check_split(split)
-    if wording not in WORDINGS:
-        raise ValueError(f"wording must be one of {', '.join(WORDINGS)}, got {wording!r}")
-    if wording == "unseen" and split == "train":
-        raise ValueError("the unseen wordings are for evaluation only: wording='unseen' needs split='heldout'")
     w = world(world_seed)
-    rng = rng_for("world" if wording == "asked" else "world/unseen", split, seed)
-    facts = [f for f in w.facts() if entity_split(f[0].name) == split]
+    rng = rng_for("world", split, seed)
+    facts = w.facts()
     out = []
     for _ in range(n):
         e, attribute, value = rng.choice(facts)
         answer = STATEMENTS[attribute].format(x=e.name, y=value)
-        phrasing = _phrasing(rng, attribute, wording)
+        phrasing = _phrasing(rng, split, attribute)
         messages = [{"role": "user", "content": phrasing.format(x=e.name)},
                     {"role": "assistant", "reasoning_content": f"I have a record of {e.name}, a {e.kind}. {answer}",
                      "content": answer}]
         out.append(Example("world", messages, value, meta={"entity": e.name, "attribute": attribute,
-                                                           "kind": e.kind, "phrasing": phrasing, "wording": wording}))
+                                                           "kind": e.kind, "phrasing": phrasing}))
     return out
 
 
@@ -304,7 +288,7 @@ def unknown_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> li
         kind = rng.choice(kinds)
         attribute = rng.choice(ATTRIBUTES[kind])
         x = unknown_name(rng, kind, w, split)
-        phrasing = _phrasing(rng, attribute)
+        phrasing = _phrasing(rng, split, attribute)
         messages = [{"role": "user", "content": phrasing.format(x=x)},
                     {"role": "assistant", "reasoning_content": f"I have no record of an entity called {x}.",
                      "content": f"{ABSTAIN} {x}; I have no information about it."}]

@@ -29,9 +29,6 @@ RETRIEVAL_MODES = ("sparse", "dense")
 # models wrote was 54). Past the trained context they ramble to any budget, which made retrieval most of the eval's
 # time at a 256-token cap: their budget is this, or max_tokens if smaller.
 RETRIEVAL_MAX_TOKENS = 96
-# Beside "world" (held-out entities, asked in the trained wordings: the target), the same entities asked in wordings no
-# training example uses (glm5.data.world.QUESTIONS): paraphrase on top of extraction, reported, not a target.
-UNSEEN_WORDING_SUITE = "world/unseen-wording"
 
 
 # ------------------------------------------------------------------------------------------------ attention mode
@@ -217,7 +214,7 @@ def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, leng
                    depths=RETRIEVAL_DEPTHS) -> dict[str, list[Example]]:
     """Held-out suites from glm5.data: n per family; retrieval n split over the (length, depth) grid (>= 1 a cell),
     or, with lengths a mapping {context length: examples}, that many at each length, split over the depths; the
-    context measured in this tokenizer's tokens. "world" brings a second suite, UNSEEN_WORDING_SUITE. Each retrieval example's meta gets the grid cell it was asked
+    context measured in this tokenizer's tokens. Each retrieval example's meta gets the grid cell it was asked
     for (length_bucket, depth_bucket): the generator's own context_tokens / depth are what it achieved, which
     varies a little per example."""
     try:
@@ -237,8 +234,6 @@ def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, leng
                     suites[fam].append(ex)
         else:
             suites[fam] = examples(fam, "heldout", n, seed)
-        if fam == "world":
-            suites[UNSEEN_WORDING_SUITE] = examples(fam, "heldout", n, seed, wording="unseen")
     return suites
 
 

@@ -120,18 +120,14 @@ def targets_table(result: dict, longest_trained: int) -> str:
 
 
 def phrasing_table(result: dict) -> str | None:
-    """Held-out world questions per question template, the trained ("asked") wordings and the unseen ones, worst
-    first: which words the model does not understand."""
-    from ..eval.run import UNSEEN_WORDING_SUITE
-
-    suites = result.get("suites", {})
-    rows = [(wording, p, c) for wording, name in (("asked", "world"), ("unseen", UNSEEN_WORDING_SUITE))
-            for p, c in suites.get(name, {}).get("by_phrasing", {}).items()]
+    """Known-entity world questions per question template (held-out wordings), worst first: which words the model
+    does not understand."""
+    rows = result.get("suites", {}).get("world", {}).get("by_phrasing")
     if not rows:
         return None
-    lines = ["| question | wording | n | correct | abstained | wrong |", "|---|---|---:|---:|---:|---:|"]
-    for wording, p, c in sorted(rows, key=lambda r: (r[2]["correct"] / r[2]["n"], r[1])):
-        lines.append(f"| {p.replace('{x}', 'X')} | {wording} | {c['n']} | {c['correct']} | {c['abstained']} | "
+    lines = ["| question (held-out wording) | n | correct | abstained | wrong |", "|---|---:|---:|---:|---:|"]
+    for p, c in sorted(rows.items(), key=lambda kv: (kv[1]["correct"] / kv[1]["n"], kv[0])):
+        lines.append(f"| {p.replace('{x}', 'X')} | {c['n']} | {c['correct']} | {c['abstained']} | "
                      f"{c['wrong'] + c['malformed']} |")
     return "\n".join(lines)
 
