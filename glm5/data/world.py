@@ -13,8 +13,7 @@ sentence templates and attribute orders: without such augmentation a small model
 cannot answer questions about it.
 
 Splits: `world` uses disjoint question templates (3 train, 2 heldout phrasings per attribute) over the same
-entities; `unknown` uses the same templates split the same way, and a name hash splits the invented names. Half the
-training questions come inside a frame of filler words (FRAMES); held-out ones never do.
+entities; `unknown` uses the same templates split the same way, and a name hash splits the invented names.
 """
 
 from __future__ import annotations
@@ -86,14 +85,6 @@ OTHER_WORDS = {
     "profession": ("The kind of work {x} does is the work of a {y}.", "{x} is a {y} by profession."),
 }
 UNKNOWN_HELDOUT_PERCENT = 20
-# Training questions come in half the time inside a frame of filler words. Why: asked in a held-out wording, the
-# model of session 12 opened with "I have no record of X" for 21 of 50 known entities, yet once made to open with "I
-# have a record of X" it answered 40 of 50 right: its known/unknown gate read the wording, not the name. Filler that
-# varies on known and unknown questions alike teaches that unfamiliar words in a question say nothing about the name.
-# No frame uses a key word of the held-out wordings, and held-out questions are never framed.
-FRAMES = ("Quick question: {q}", "Do you know this? {q}", "{q} Thanks.", "Hello! {q}", "I am curious. {q}",
-          "{q} Please answer briefly.", "Can you help? {q}", "Here is a question for you. {q}", "{q} I want the answer.",
-          "Please answer: {q}", "{q} Just the answer, please.", "One more: {q}")
 
 
 # ------------------------------------------------------------------------------------------------------- names
@@ -255,13 +246,6 @@ def encyclopedia(w: World, seed: int = 0, paraphrases: int = 4, styles: tuple[in
 
 
 # ---------------------------------------------------------------------------------------------------- families
-def _framed(rng: random.Random, split: str, question: str) -> str:
-    """A training question, half the time inside one of FRAMES; a held-out question as it is."""
-    if split == "heldout" or rng.random() < 0.5:
-        return question
-    return rng.choice(FRAMES).format(q=question)
-
-
 def _phrasing(rng: random.Random, split: str, attribute: str) -> str:
     """A question template of the split ("When was {x} founded?"); examples keep it in meta["phrasing"], so the eval
     can say which wordings a model understands."""
@@ -278,7 +262,7 @@ def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list
         e, attribute, value = rng.choice(facts)
         answer = STATEMENTS[attribute].format(x=e.name, y=value)
         phrasing = _phrasing(rng, split, attribute)
-        messages = [{"role": "user", "content": _framed(rng, split, phrasing.format(x=e.name))},
+        messages = [{"role": "user", "content": phrasing.format(x=e.name)},
                     {"role": "assistant", "reasoning_content": f"I have a record of {e.name}, a {e.kind}. {answer}",
                      "content": answer}]
         out.append(Example("world", messages, value, meta={"entity": e.name, "attribute": attribute,
@@ -305,7 +289,7 @@ def unknown_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> li
         attribute = rng.choice(ATTRIBUTES[kind])
         x = unknown_name(rng, kind, w, split)
         phrasing = _phrasing(rng, split, attribute)
-        messages = [{"role": "user", "content": _framed(rng, split, phrasing.format(x=x))},
+        messages = [{"role": "user", "content": phrasing.format(x=x)},
                     {"role": "assistant", "reasoning_content": f"I have no record of an entity called {x}.",
                      "content": f"{ABSTAIN} {x}; I have no information about it."}]
         out.append(Example("unknown", messages, ABSTAIN, meta={"entity": x, "attribute": attribute, "kind": kind,
