@@ -30,6 +30,11 @@ TRAIN_AS = {"dsa_align": "dsa_warmup"}
 STAGES = ("tokenizer", *TRAIN_STAGES, "export", "eval", "report")  # eval reads the exported (shipped) files
 
 
+def indexer_only(stage: str) -> bool:
+    """Does this speedrun stage train the indexers alone (the warm-up's loss: cheaper steps, an indexer-KL curve)?"""
+    return TRAIN_AS.get(stage, stage) == "dsa_warmup"
+
+
 # -- data ---------------------------------------------------------------------------------------------------------
 def tokenizer_corpus(r: Recipe):
     """Text the BPE is trained on: the natural text, the encyclopedia, and the text of rendered training chats."""
@@ -396,7 +401,7 @@ def stage_weights(r: Recipe) -> dict[str, float]:
     w = {"tokenizer": 20.0, "export": 3.0, "report": 5.0,
          "eval": 1.5 * r.eval_n + 0.6 * sum(L * n for L, n in r.eval_retrieval.items()) / 1024}
     for name in TRAIN_STAGES:
-        w[name] = train_s(getattr(r, name)) * (0.4 if TRAIN_AS.get(name, name) == "dsa_warmup" else 1.0) + 10
+        w[name] = train_s(getattr(r, name)) * (0.4 if indexer_only(name) else 1.0) + 10
     return w
 
 

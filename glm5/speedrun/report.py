@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pipeline import STAGES, TRAIN_AS, TRAIN_STAGES
+from .pipeline import STAGES, TRAIN_STAGES, indexer_only
 
 
 def plot_losses(out: Path) -> Path | None:
@@ -25,7 +25,7 @@ def plot_losses(out: Path) -> Path | None:
             continue
         recs = read_metrics(m)
         xs = [offset + r["step"] for r in recs]
-        key = "indexer_kl" if TRAIN_AS.get(stage, stage) == "dsa_warmup" else "lm"
+        key = "indexer_kl" if indexer_only(stage) else "lm"
         ax.plot(xs, [r.get(key, r["loss"]) for r in recs], label=f"{stage} ({key})")
         mtp = [(offset + r["step"], r["mtp"]) for r in recs if "mtp" in r]
         if mtp:
