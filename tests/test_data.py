@@ -249,3 +249,26 @@ def test_copy_drills_repeat_their_string():
     assert kinds == {True, False}  # digit strings and syllable words
     with pytest.raises(ValueError, match="n must be"):
         copy_texts(-1)
+
+
+def test_noise_words_only_in_training_questions():
+    """NOISE_PERCENT of training questions have one word (never the name) swapped for a nonsense word; heldout none."""
+    w = world(0)
+    for family in ("world", "unknown"):
+        noised = 0
+        for split in SPLITS:
+            for e in examples(family, split, 400, seed=2):
+                question, template, name = e.messages[0]["content"], e.meta["phrasing"], e.meta["entity"]
+                if question == template.format(x=name):
+                    continue
+                assert split == "train", question
+                noised += 1
+                got, want = question.split(), template.format(x=name).split()
+                assert len(got) == len(want) and name in question, question
+                diff = [(g, t) for g, t in zip(got, want) if g != t]
+                assert len(diff) == 1, question
+                (g, t), = diff
+                word = g.rstrip("?.")
+                assert g[len(word):] == t[len(t.rstrip("?.")):] and word.isalpha() and word.islower(), question
+                assert word.capitalize() not in w.words and word != t.rstrip("?.").lower()
+        assert 0.3 * 400 < noised < 0.5 * 400, (family, noised)

@@ -267,6 +267,45 @@ def _one_step_grads(model):
     return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_lm_and_mtp_losses_match_full_logits():
+    """The step applies the vocabulary head only where a label is kept (SFT masks, document boundaries): the same
+    loss and gradients as full logits with ignore_index, written out here from the model's own forward."""
+    import torch.nn.functional as F
+
+    from glm5.train.losses import IGNORE, shifted_labels
+
+    model = perturb(glm5.load_model("tiny"), seed=8)
+    model.train()
+    set_stage(model, "pretrain", 1)
+    g = torch.Generator().manual_seed(9)
+    toks = torch.tensor(_docs(2, 25, seed=10))
+    doc = (torch.arange(25) >= 11).long().expand(2, 25)  # two documents per row
+    pos = torch.where(doc == 0, torch.arange(25), torch.arange(25) - 11)
+    loss = torch.rand(2, 25, generator=g) < 0.4  # an SFT-like mask: most positions carry no loss
+    den = loss_denominators(toks, doc, 1, loss)
+    total, parts, _ = ForwardLoss(model, "pretrain", mtp_depth=1, balance_weight=0.0)(toks, doc, pos, den, loss)
+    total.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    T = 24
+    h = model.hidden(toks[:, :-1], pos[:, :-1], None, doc[:, :-1])
+    lab0 = shifted_labels(toks, doc, 1, T, loss)
+    lm = F.cross_entropy(model.lm_head(h).flatten(0, 1), lab0.flatten(), ignore_index=IGNORE, reduction="sum")
+    logits1, _ = model.mtp_step(h[:, :T - 1], toks[:, 1:T], pos[:, :T - 1], 0, None, doc[:, :T - 1])
+    lab1 = shifted_labels(toks, doc, 2, T - 1, loss)
+    mtp = F.cross_entropy(logits1.flatten(0, 1), lab1.flatten(), ignore_index=IGNORE, reduction="sum")
+    assert (lab0 == IGNORE).float().mean() > 0.5
+    want = lm / den["labels0"] + 0.3 * mtp / den["labels1"]
+    want.backward()
+    torch.testing.assert_close(parts["lm"], lm.detach() / den["labels0"])
+    torch.testing.assert_close(total.detach(), want.detach())
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and len(got) > 50
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     from glm5.train.loop import checkpoint_layers
 

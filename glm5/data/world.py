@@ -14,11 +14,18 @@ cannot answer questions about it.
 
 Splits: `world` uses disjoint question templates (3 train, 2 heldout phrasings per attribute) over the same
 entities; `unknown` uses the same templates split the same way, and a name hash splits the invented names.
+
+Noise words: in NOISE_PERCENT of the training questions (both families) one word that is not part of the name is
+replaced by a nonsense word ("vogalni currency is used in Rouldrasia?"). Without them the know/abstain decision
+keys on the wording: the session-12 model opened "I have no record" on 21 of 50 held-out-wording questions about
+facts it knew (40 of 50 right when forced past that opening). With them it must decide on the name (dev/LOG.md,
+session 13). Held-out questions are never noised.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -85,6 +92,8 @@ OTHER_WORDS = {
     "profession": ("The kind of work {x} does is the work of a {y}.", "{x} is a {y} by profession."),
 }
 UNKNOWN_HELDOUT_PERCENT = 20
+NOISE_PERCENT = 40
+_WORD = re.compile(r"[A-Za-z']+")
 
 
 # ------------------------------------------------------------------------------------------------------- names
@@ -252,6 +261,21 @@ def _phrasing(rng: random.Random, split: str, attribute: str) -> str:
     return rng.choice(QUESTIONS[attribute][split == "heldout"])
 
 
+def _noised(rng: random.Random, split: str, question: str, name: str, w: World) -> str:
+    """question, or (train split, NOISE_PERCENT of the time) question with one word outside `name` replaced by a
+    lower-case nonsense word that is no word of the world; spaces and punctuation stay. Held-out questions draw
+    nothing from rng, so the held-out sets do not depend on the noise."""
+    if split == "heldout" or rng.random() * 100 >= NOISE_PERCENT:
+        return question
+    parts = question.split(name, 1)
+    spans = [(i, m) for i, part in enumerate(parts) for m in _WORD.finditer(part)]
+    i, m = spans[rng.randrange(len(spans))]
+    noise = draw(rng, lambda t: t.capitalize() not in w.words and t != m.group().lower(),
+                 lambda r: _word(r, r.randint(1, 3)).lower(), "noise word")
+    parts[i] = parts[i][:m.start()] + noise + parts[i][m.end():]
+    return name.join(parts)
+
+
 def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list[Example]:
     check_split(split)
     w = world(world_seed)
@@ -262,7 +286,7 @@ def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list
         e, attribute, value = rng.choice(facts)
         answer = STATEMENTS[attribute].format(x=e.name, y=value)
         phrasing = _phrasing(rng, split, attribute)
-        messages = [{"role": "user", "content": phrasing.format(x=e.name)},
+        messages = [{"role": "user", "content": _noised(rng, split, phrasing.format(x=e.name), e.name, w)},
                     {"role": "assistant", "reasoning_content": f"I have a record of {e.name}, a {e.kind}. {answer}",
                      "content": answer}]
         out.append(Example("world", messages, value, meta={"entity": e.name, "attribute": attribute,
@@ -289,7 +313,7 @@ def unknown_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> li
         attribute = rng.choice(ATTRIBUTES[kind])
         x = unknown_name(rng, kind, w, split)
         phrasing = _phrasing(rng, split, attribute)
-        messages = [{"role": "user", "content": phrasing.format(x=x)},
+        messages = [{"role": "user", "content": _noised(rng, split, phrasing.format(x=x), x, w)},
                     {"role": "assistant", "reasoning_content": f"I have no record of an entity called {x}.",
                      "content": f"{ABSTAIN} {x}; I have no information about it."}]
         out.append(Example("unknown", messages, ABSTAIN, meta={"entity": x, "attribute": attribute, "kind": kind,

@@ -132,12 +132,21 @@ class GLM5(nn.Module):
 
     def mtp_step(self, h_BTD, next_ids_BT, positions_BT, depth: int = 0, cache=None, doc_ids_BT=None, aux=None):
         """One MTP depth: main hidden at t and token t+1 in, (logits for token t+2, MTP hidden) out."""
+        x_BTD = self.mtp_hidden(h_BTD, next_ids_BT, positions_BT, depth, cache, doc_ids_BT, aux)
+        return self.mtp_head(depth)(x_BTD), x_BTD
+
+    def mtp_hidden(self, h_BTD, next_ids_BT, positions_BT, depth: int = 0, cache=None, doc_ids_BT=None, aux=None):
+        """mtp_step without the head: the MTP layer's hidden state (training applies the head where labels are)."""
         layer = self.mtp[depth]
         e_BTD = layer.enorm(self.model.embed_tokens(next_ids_BT))
         x_BTD = layer.eh_proj(torch.cat([e_BTD, layer.hnorm(h_BTD)], dim=-1))
         ctx = self._context(positions_BT, cache, doc_ids_BT, aux, x_BTD.shape[1], x_BTD.device)
-        x_BTD, _ = layer(x_BTD, ctx, None, self.impl.moe)
-        return self.lm_head(layer.shared_head.norm(x_BTD)), x_BTD
+        return layer(x_BTD, ctx, None, self.impl.moe)[0]
+
+    def mtp_head(self, depth: int = 0):
+        """MTP hidden -> logits: the depth's own norm, then the shared LM head."""
+        norm = self.mtp[depth].shared_head.norm
+        return lambda x: self.lm_head(norm(x))
 
     def forward_with_mtp(self, input_ids_BT, doc_ids_BT=None, aux=None):
         """(logits [B, T, V], mtp_logits [B, T-1, V]): mtp_logits[:, t] predicts token t+2 from h[t] and tok[t+1]."""

@@ -41,9 +41,13 @@ def shifted_labels(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, shift: int, 
     return lab_Bn.masked_fill(~keep_Bn, IGNORE)
 
 
-def ce_sum(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    # Cross-entropy in fp32: a bf16 log-sum-exp over 155k logits loses the small probabilities that carry the loss.
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE, reduction="sum")
+def head_ce_sum(head, h_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled positions, with `head` (hidden -> logits) applied only there: the
+    vocabulary projection is a step's largest matmul, and SFT rows are mostly prompt tokens that carry no loss.
+    The same value and gradients as the head over every position. Computed in fp32: a bf16 log-sum-exp over 155k
+    logits loses the small probabilities that carry the loss."""
+    keep_BT = labels_BT != IGNORE
+    return F.cross_entropy(head(h_BTD[keep_BT]).float(), labels_BT[keep_BT], reduction="sum")
 
 
 def sequence_balance_sum(idx_Nk: torch.Tensor, logits_NE: torch.Tensor, rows: int) -> torch.Tensor:
@@ -125,7 +129,8 @@ class ForwardLoss(nn.Module):
         B, T = ids_BT.shape
         auxes = [self._aux()]
         h_BTD = model.hidden(ids_BT, pos_BT, None, doc_BT, auxes[0])
-        losses = {"lm": ce_sum(model.lm_head(h_BTD), shifted_labels(tokens_BT1, doc_BT1, 1, T, loss_BT1)) / den["labels0"]}
+        labels_BT = shifted_labels(tokens_BT1, doc_BT1, 1, T, loss_BT1)
+        losses = {"lm": head_ce_sum(model.lm_head, h_BTD, labels_BT) / den["labels0"]}
         # MTP: one shared layer applied at every depth (GLM-5 trains 3 depths on one layer's parameters). Depth d
         # takes the previous depth's hidden at t and token t + d, and predicts token t + d + 1.
         h_prev = h_BTD
@@ -133,9 +138,10 @@ class ForwardLoss(nn.Module):
         for d in range(1, self.mtp_depth + 1):
             n = T - d
             auxes.append(self._aux())
-            logits, h_prev = model.mtp_step(h_prev[:, :n], tokens_BT1[:, d:d + n], pos_BT[:, :n], 0, None,
-                                            doc_BT[:, :n], auxes[-1])
-            mtp.append(ce_sum(logits, shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1)) / den[f"labels{d}"])
+            h_prev = model.mtp_hidden(h_prev[:, :n], tokens_BT1[:, d:d + n], pos_BT[:, :n], 0, None, doc_BT[:, :n],
+                                      auxes[-1])
+            labels_Bn = shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1)
+            mtp.append(head_ce_sum(model.mtp_head(0), h_prev, labels_Bn) / den[f"labels{d}"])
         if mtp:
             losses["mtp"] = torch.stack(mtp).mean()
 
