@@ -419,7 +419,7 @@ def test_trained_model_top1(trained_fp8_metrics):
     assert trained_fp8_metrics[0] >= 0.99, trained_fp8_metrics
 
 
-@pytest.mark.xfail(strict=True, reason="KL target missed: 1.8e-3 on the model shipped in session 14 (top-1 99.4%), "
+@pytest.mark.xfail(strict=True, reason="KL target missed: 3.6e-3 on the model shipped in session 14 (top-1 99.4%), "
                    "1.4e-3, 3.7e-3 and 2.5e-3 on the three before; most of it from the dense first layer's matrices "
                    "and 1% of positions (near-ties; dev/LOG.md, session 13). Strict: once it passes, remove this mark")
 def test_trained_model_kl(trained_fp8_metrics):
