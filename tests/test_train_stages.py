@@ -55,6 +55,26 @@ def test_overfits_a_fixed_batch_with_mtp(tmp_path):
     assert min(r["mtp"] for r in m[-5:]) < 0.3, [r["mtp"] for r in m]
 
 
+def test_mtp_from_leaves_the_mtp_layer_out_until_then(tmp_path):
+    """mtp_from=6 of 10 steps: no MTP loss and a bitwise-unchanged MTP layer for 6 steps (saved at step 6), then the
+    MTP loss on every step and the layer trains; several processes are refused with a clear error."""
+    docs = _docs(8, 33)
+    train(_cfg(tmp_path, steps=10, seq_len=32, batch_size=4, lr=1e-2, mtp_depth=1, mtp_from=6, save_every=6,
+               keep_last=2), source=docs)
+    m = _metrics(tmp_path / "run")
+    assert ["mtp" in r for r in m] == [False] * 6 + [True] * 4
+    start = glm5.load_model("tiny", seed=0).state_dict()
+    at6, at10 = (glm5.load_model(c / "model").state_dict() for c in list_checkpoints(tmp_path / "run" / "checkpoints"))
+    mtp = [k for k in start if k.startswith("mtp.") and ".indexer." not in k and "e_score_correction" not in k]
+    assert mtp and all(torch.equal(at6[k], start[k]) for k in mtp)
+    assert any(not torch.equal(at10[k], at6[k]) for k in mtp)
+    assert any(not torch.equal(at6[k], start[k]) for k in start if k.startswith("model.layers."))
+    with pytest.raises(ValueError, match="one process"):
+        _cfg(tmp_path, steps=10, mtp_from=6).validate(world=2)
+    with pytest.raises(ValueError, match="mtp_from must be"):
+        _cfg(tmp_path, steps=10, mtp_from=10).validate(world=1)
+
+
 def test_muon_also_overfits(tmp_path):
     docs = _docs(4, 33)
     train(_cfg(tmp_path, steps=25, seq_len=32, batch_size=4, lr=1e-2, warmup_steps=5, mtp_depth=1,

@@ -275,6 +275,7 @@ def stage_train(run: Run, name: str, on_step) -> dict:
     cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=stage,
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=spec.optimizer, mtp_depth=1,
+                      mtp_from=spec.mtp_from,
                       device=run.device, autocast=run.autocast, seed=seed,
                       save_every=max(10, spec.steps // 4), keep_last=1,
                       resume="auto", progress=False, plots=True, recall_every=10, split_docs=not r.whole_docs)

@@ -22,6 +22,7 @@ class Stage:
     # pre-trainings learned to copy from the context by step 675 and recalled 99% of the world's facts, where 0 of 5
     # AdamW ones copied there (dev/LOG.md, session 12). The later stages fine-tune with AdamW.
     optimizer: str = "adamw"
+    mtp_from: int = 0  # the MTP loss from this step on (glm5.train.loop.TrainConfig.mtp_from)
 
 
 @dataclass

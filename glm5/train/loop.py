@@ -61,6 +61,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     mtp_depth: int = 1  # MTP depths sharing the one MTP layer (GLM-5: 3); 0 = no MTP loss
+    # The MTP loss from this step on (0: every step). Before it the MTP layer stays out of the forward; it and its
+    # head are a third of a step of the speedrun's model (dev/LOG.md, session 15). Single process only.
+    mtp_from: int = 0
     mtp_weight: float = 0.3
     balance_weight: float = 1e-4  # sequence-wise balance loss weight (DeepSeek-V3: "extremely small")
     bias_speed: float = 1e-3  # aux-loss-free bias update speed (DeepSeek-V3: 0.001)
@@ -88,6 +91,9 @@ class TrainConfig:
             (self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1"),
             (0 <= self.mtp_depth < self.seq_len, f"mtp_depth must be in [0, seq_len), got {self.mtp_depth}"),
             (self.batch_size % world == 0, f"batch_size {self.batch_size} is not divisible by {world} processes"),
+            (0 <= self.mtp_from < self.steps, f"mtp_from must be a step in [0, steps), got {self.mtp_from}"),
+            (self.mtp_from == 0 or world == 1, f"mtp_from > 0 leaves the MTP layer without gradients for a while, "
+                                               f"which DDP / FSDP do not allow: run it in one process, not {world}"),
         ]
         micro = self.micro_batch or self.batch_size // world
         checks.append(((self.batch_size // world) % micro == 0,
@@ -280,7 +286,10 @@ def train(cfg: TrainConfig, source=None, on_step=None) -> dict:
             break
         lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
         set_lr(opt, lr)
-        den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, cfg.mtp_depth, batch.loss_BT1)
+        depth = cfg.mtp_depth if step >= cfg.mtp_from else 0
+        if cfg.mtp_from:  # one process (validate): net is the ForwardLoss itself
+            net.mtp_depth = depth
+        den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, depth, batch.loss_BT1)
         mine = batch.rows(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
 
         sums: dict[str, torch.Tensor] = {}
