@@ -11,7 +11,7 @@ from glm5.data import (ABSTAIN, ATTRIBUTES, FAMILIES, SPLITS, calculator, chat_m
                        pretrain_texts, world)
 from glm5.data.arithmetic import TEMPLATES, add_steps, mul_steps, sub_steps
 from glm5.data.text import _paragraphs
-from glm5.data.world import COMPANY_SUFFIXES, STATEMENTS, key_words
+from glm5.data.world import COMPANY_SUFFIXES, STATEMENTS
 from glm5.tokenizer import Tokenizer
 
 FAST = {"retrieval": {"context_tokens": 300}}  # short contexts keep the suite fast; lengths are tested below
@@ -252,8 +252,7 @@ def test_copy_drills_repeat_their_string():
 
 
 def test_noise_words_only_in_training_questions():
-    """About NOISE_PERCENT of training questions have one word (never the name, never a key word of the attribute)
-    swapped for a nonsense word; heldout none."""
+    """NOISE_PERCENT of training questions have one word (never the name) swapped for a nonsense word; heldout none."""
     w = world(0)
     for family in ("world", "unknown"):
         noised = 0
@@ -272,7 +271,4 @@ def test_noise_words_only_in_training_questions():
                 word = g.rstrip("?.")
                 assert g[len(word):] == t[len(t.rstrip("?.")):] and word.isalpha() and word.islower(), question
                 assert word.capitalize() not in w.words and word != t.rstrip("?.").lower()
-                # never a word that says which attribute is asked: "Name the vogalni of <city>" would teach the
-                # model to answer from the sentence's shape (the river), not from its words
-                assert t.rstrip("?.").lower() not in key_words(e.meta["kind"], e.meta["attribute"]), question
         assert 0.3 * 400 < noised < 0.5 * 400, (family, noised)

@@ -19,9 +19,9 @@ Noise words: in NOISE_PERCENT of the training questions (both families) one word
 replaced by a nonsense word ("vogalni currency is used in Rouldrasia?"). Without them the know/abstain decision
 keys on the wording: the session-12 model opened "I have no record" on 21 of 50 held-out-wording questions about
 facts it knew (40 of 50 right when forced past that opening). With them it must decide on the name (dev/LOG.md,
-session 13). Held-out questions are never noised, and noise never replaces a key word of the attribute (`key_words`):
-when it could ("Name the vogalni of <city>" -> the river), the session-14 model answered "Tell me the country of
-<city>" with the river and "Tell me the founding year of <country>" with the capital, by the sentence's shape.
+session 13). Held-out questions are never noised. The noise may hit the attribute's own key word ("Name the vogalni
+of <city>"), which teaches some answers by the sentence's shape; sparing those words cost 10-17 points of world
+accuracy in two full runs, "established" and "headquarters" wordings most (dev/LOG.md, session 15).
 """
 
 from __future__ import annotations
@@ -263,28 +263,14 @@ def _phrasing(rng: random.Random, split: str, attribute: str) -> str:
     return rng.choice(QUESTIONS[attribute][split == "heldout"])
 
 
-@lru_cache(maxsize=None)
-def key_words(kind: str, attribute: str) -> frozenset[str]:
-    """The lower-case words of `attribute`'s training phrasings that no other attribute of `kind` uses in its own:
-    the words that say which attribute is asked ("capital", "when", "river", but for a city also "name", "the", "of",
-    since only "Name the river of {x}." has them). Noise never replaces these."""
-    def words(a: str) -> set[str]:
-        return {m.group().lower() for t in QUESTIONS[a][0] for m in _WORD.finditer(t.replace("{x}", ""))}
-    others = set().union(*(words(a) for a in ATTRIBUTES[kind] if a != attribute))
-    return frozenset(words(attribute) - others)
-
-
-def _noised(rng: random.Random, split: str, question: str, name: str, kind: str, attribute: str, w: World) -> str:
-    """question, or (train split, NOISE_PERCENT of the time) question with one word outside `name` and outside the
-    attribute's key words replaced by a lower-case nonsense word that is no word of the world; spaces and
-    punctuation stay. Held-out questions draw nothing from rng, so the held-out sets do not depend on the noise."""
+def _noised(rng: random.Random, split: str, question: str, name: str, w: World) -> str:
+    """question, or (train split, NOISE_PERCENT of the time) question with one word outside `name` replaced by a
+    lower-case nonsense word that is no word of the world; spaces and punctuation stay. Held-out questions draw
+    nothing from rng, so the held-out sets do not depend on the noise."""
     if split == "heldout" or rng.random() * 100 >= NOISE_PERCENT:
         return question
-    keys = key_words(kind, attribute)
     parts = question.split(name, 1)
-    spans = [(i, m) for i, part in enumerate(parts) for m in _WORD.finditer(part) if m.group().lower() not in keys]
-    if not spans:  # every word names the attribute ("When was {x} founded?" for a city)
-        return question
+    spans = [(i, m) for i, part in enumerate(parts) for m in _WORD.finditer(part)]
     i, m = spans[rng.randrange(len(spans))]
     noise = draw(rng, lambda t: t.capitalize() not in w.words and t != m.group().lower(),
                  lambda r: _word(r, r.randint(1, 3)).lower(), "noise word")
@@ -302,8 +288,7 @@ def world_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list
         e, attribute, value = rng.choice(facts)
         answer = STATEMENTS[attribute].format(x=e.name, y=value)
         phrasing = _phrasing(rng, split, attribute)
-        question = _noised(rng, split, phrasing.format(x=e.name), e.name, e.kind, attribute, w)
-        messages = [{"role": "user", "content": question},
+        messages = [{"role": "user", "content": _noised(rng, split, phrasing.format(x=e.name), e.name, w)},
                     {"role": "assistant", "reasoning_content": f"I have a record of {e.name}, a {e.kind}. {answer}",
                      "content": answer}]
         out.append(Example("world", messages, value, meta={"entity": e.name, "attribute": attribute,
@@ -330,7 +315,7 @@ def unknown_family(split: str, n: int, seed: int = 0, world_seed: int = 0) -> li
         attribute = rng.choice(ATTRIBUTES[kind])
         x = unknown_name(rng, kind, w, split)
         phrasing = _phrasing(rng, split, attribute)
-        messages = [{"role": "user", "content": _noised(rng, split, phrasing.format(x=x), x, kind, attribute, w)},
+        messages = [{"role": "user", "content": _noised(rng, split, phrasing.format(x=x), x, w)},
                     {"role": "assistant", "reasoning_content": f"I have no record of an entity called {x}.",
                      "content": f"{ABSTAIN} {x}; I have no information about it."}]
         out.append(Example("unknown", messages, ABSTAIN, meta={"entity": x, "attribute": attribute, "kind": kind,
