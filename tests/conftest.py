@@ -35,6 +35,17 @@ def _quiet_transformers():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny-model steps are
+    ~100 small ops and gain nothing from a second thread, CPU runs are bitwise-reproducible, and on a shared 2-core
+    machine an oversubscribed OpenMP barrier makes a tiny step ~10x slower (measured: 20 ms vs 220 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,14 +26,7 @@ def _model(seed=0, **kw):
     return perturb(glm5.load_model(tiny().replace(index_topk=8, **kw)), seed=seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny-model steps are ~100 small ops: one thread is faster than two, and immune to OpenMP stalls when the
-    # other core is busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

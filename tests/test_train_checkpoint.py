@@ -13,13 +13,7 @@ from glm5.train import TrainConfig, train
 from glm5.train import checkpoint as ckpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: bitwise-reproducible CPU runs, and no OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out, **kw):

@@ -12,14 +12,7 @@ from glm5.train.loop import set_stage
 from .conftest import perturb
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine an oversubscribed OpenMP
-    barrier makes a tiny step ~10x slower (measured: 20 ms vs 220 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _docs(lens, vocab=512, seed=0):
