@@ -37,15 +37,10 @@ def _sha(step_dir, name):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, one_thread):
     """8 steps, Muon + AdamW, 2 MTP depths, gradient accumulation, MoE bias updates; checkpoints at 3, 6, 8."""
     run = tmp_path_factory.mktemp("full")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(_cfg(run, optimizer="muon"))
-    finally:
-        torch.set_num_threads(n)
+    train(_cfg(run, optimizer="muon"))
     return run
 
 
