@@ -73,10 +73,22 @@ def test_unknown_names_are_disjoint_and_not_in_world():
 CLAUSE = re.compile(r"(\d) ([-+*]) (\d)(?: ([-+]) (\d))? = (-?\d+), write (\d) (?:carry|borrow) (\d)\.")
 
 
+# A multiplication column after the first: "x * y = q, q + c = r, write d carry k."
+MUL_FACT = re.compile(r"(\d) \* (\d) = (\d+), (\d+) \+ (\d) = ")
+
+
 def check_columns(a, op, b, reasoning):
-    """Every clause is right, carries chain, and the written digits read backwards are |a op b|."""
+    """Every clause is right, carries chain, and the written digits read backwards are |a op b|; a multiplication
+    column after the first states its table fact before adding the carry."""
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     assert reasoning.endswith(f"Answer: {value}.")
+    if op == "*":
+        assert not re.search(r"\d \* \d \+", reasoning)  # never "x * y + c" in one step
+
+        def fact(m):
+            assert int(m[3]) == int(m[1]) * int(m[2]) == int(m[4])
+            return f"{m[1]} * {m[2]} + {m[5]} = "
+        reasoning = MUL_FACT.sub(fact, reasoning)
     if op == "-" and a < b:
         assert reasoning.startswith(f"{a} < {b}, so compute {b} - {a} and negate. ")
         a, b = b, a

@@ -4,12 +4,14 @@ to 4 digits times one digit.
 The reasoning is the school column method from the ones digit up, one clause per column, in one fixed shape per op,
 so a tiny model only has to learn single-digit facts plus where to copy digits from (the tokenizer gives every digit
 its own token). Every column after the first names its carry/borrow even when it is 0, and a final carry becomes
-one more column of zeros ("0 + 0 + 1 = 1, write 1 carry 0.") rather than a new phrase:
+one more column of zeros ("0 + 0 + 1 = 1, write 1 carry 0.") rather than a new phrase. A multiplication column
+states the table fact before adding the carry: "3 * 7 + 2 = 23" in one step asks for a three-input fact, and the
+shipped model's multiplication misses were such steps ("7 * 4 + 2 = 34"; dev/LOG.md, session 16):
 
     4 + 8 = 12, write 2 carry 1. 3 + 7 + 1 = 11, write 1 carry 1. ... Answer: 6912.
     4 - 8 = -4, write 6 borrow 1. 3 - 7 - 1 = -5, write 5 borrow 1. ... Answer: 1234.
     12 < 345, so compute 345 - 12 and negate. 5 - 2 = 3, write 3 borrow 0. ... Answer: -333.
-    4 * 7 = 28, write 8 carry 2. 3 * 7 + 2 = 23, write 3 carry 2. ... Answer: 8638.
+    4 * 7 = 28, write 8 carry 2. 3 * 7 = 21, 21 + 2 = 23, write 3 carry 2. ... Answer: 8638.
 
 The split is a hash of "a op b", so a heldout problem never appears in train, under any seed or template.
 """
@@ -72,11 +74,11 @@ def mul_steps(a: int, b: int) -> str:
     out, carry = [], 0
     for i, x in enumerate(_digits(a, len(str(a)))):
         p = x * b + carry
-        lhs = f"{x} * {b}" if i == 0 else f"{x} * {b} + {carry}"
+        lhs = f"{x} * {b}" if i == 0 else f"{x} * {b} = {x * b}, {x * b} + {carry}"  # a table fact, then the carry
         out.append(f"{lhs} = {p}, write {p % 10} carry {p // 10}.")
         carry = p // 10
     if carry:  # a one-digit multiplier leaves a carry of at most 8: one more column
-        out.append(f"0 * {b} + {carry} = {carry}, write {carry} carry 0.")
+        out.append(f"0 * {b} = 0, 0 + {carry} = {carry}, write {carry} carry 0.")
     return " ".join(out + [f"Answer: {a * b}."])
 
 
