@@ -161,8 +161,8 @@ def platform_warning(r: Recipe, device: str, autocast: str) -> str | None:
     """What a user should know before a full run on this machine with this autocast, or None."""
     if r.name == FULL.name and autocast == "none" and autocast_for(device) == "none":
         return ("this CPU has no fast bf16 (no AMX): the speedrun trains in fp32, about twice as slowly as with AMX's "
-                "bf16 (on 2 AVX2 cores about an hour, not 30 minutes: 58 minutes at 2 threads); the shipped model was "
-                "trained so (README)")
+                "bf16 (on 2 AVX2 cores about an hour, not 30 minutes: 58-69 minutes at 2 threads); the shipped model "
+                "was trained so (README)")
     return None
 
 
