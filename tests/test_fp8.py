@@ -31,14 +31,18 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _per_position(ref, out):
+    """KL(ref || out) and top-1 agreement at every position."""
+    lr, lo = ref.float().log_softmax(-1), out.float().log_softmax(-1)
+    return (lr.exp() * (lr - lo)).sum(-1), ref.argmax(-1) == out.argmax(-1)
+
+
 def _metrics(ref, out):
     """mean KL(ref || out) per position, mean correlation of centred logits, top-1 agreement."""
-    lr, lo = ref.float().log_softmax(-1), out.float().log_softmax(-1)
-    kl = (lr.exp() * (lr - lo)).sum(-1).mean().item()
+    kl, agree = _per_position(ref, out)
     cr, co = ref - ref.mean(-1, keepdim=True), out - out.mean(-1, keepdim=True)
     corr = ((cr * co).sum(-1) / (cr.norm(dim=-1) * co.norm(dim=-1))).mean().item()
-    top1 = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
-    return kl, corr, top1
+    return kl.mean().item(), corr, agree.float().mean().item()
 
 
 def _bf16_rounded(model):
@@ -410,19 +414,19 @@ def trained_fp8_metrics():
     dense = glm5.load_model(ASSET_MODEL)
     tok = Tokenizer.from_dir(ASSET_MODEL)
     fp8 = quantize_model(copy.deepcopy(dense))
-    sums = {"served": [0, 0.0, 0.0], "all": [0, 0.0, 0.0]}  # positions, agreements, KL
+    kls, agrees, served = [], [], []
     for fam in ("arithmetic", "world", "unknown", "tool", "chat"):
         for ex in examples(fam, "heldout", 6, seed=7):
             doc = chat_doc(tok, ex.messages, ex.tools)
+            ids = torch.tensor([doc["ids"]])
             with torch.no_grad():
-                ref, out = (m(torch.tensor([doc["ids"]]))[0].float().log_softmax(-1) for m in (dense, fp8))
-            kl, agree = (ref.exp() * (ref - out)).sum(-1), ref.argmax(-1) == out.argmax(-1)
-            served = torch.tensor(doc["loss"][1:] + [False])  # position t predicts token t + 1
-            for key, sel in (("served", served), ("all", torch.ones_like(served))):
-                s = sums[key]
-                s[0], s[1], s[2] = s[0] + sel.sum().item(), s[1] + agree[sel].sum().item(), s[2] + kl[sel].sum().item()
-    assert sums["served"][0] > 1000 and sums["all"][0] > 2000
-    return {key: (agree / n, kl / n) for key, (n, agree, kl) in sums.items()}
+                kl, agree = _per_position(dense(ids)[0], fp8(ids)[0])
+            kls.append(kl), agrees.append(agree)
+            served.append(torch.tensor(doc["loss"][1:] + [False]))  # position t predicts token t + 1
+    kl, agree, served = torch.cat(kls), torch.cat(agrees).float(), torch.cat(served)
+    assert served.sum() > 1000 and len(kl) > 2000
+    return {"served": (agree[served].mean().item(), kl[served].mean().item()),
+            "all": (agree.mean().item(), kl.mean().item())}
 
 
 def test_trained_model_top1_and_kl_on_served_text(trained_fp8_metrics):
