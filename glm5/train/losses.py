@@ -41,13 +41,68 @@ def shifted_labels(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, shift: int, 
     return lab_Bn.masked_fill(~keep_Bn, IGNORE)
 
 
-def head_ce_sum(head, h_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the labelled positions, with `head` (hidden -> logits) applied only there: the
-    vocabulary projection is a step's largest matmul, and SFT rows are mostly prompt tokens that carry no loss.
-    The same value and gradients as the head over every position. Computed in fp32: a bf16 log-sum-exp over 155k
+HEAD_CHUNK = 512  # rows of logits per chunk: [512, V] fp32 stays in cache (1024 or 2048 were slower on AVX2)
+
+
+def linear_ce(h_ND: torch.Tensor, W_VD: torch.Tensor, lab_N: torch.Tensor, want_h: bool = False,
+              want_W: bool = False):
+    """(sum_n CE(h[n] @ W.T, lab[n]), d/dh or None, d/dW or None), row chunk by row chunk, the gradients (fp32)
+    computed on the way: the [N, V] logits and their gradient never exist whole, and no separate log-softmax pass
+    runs over them (Liger's fused linear cross-entropy). The matmuls run in the ambient dtype (bf16 under
+    autocast), the softmax in fp32."""
+    dev = h_ND.device.type
+    mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_ND.dtype
+    loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+    gh_ND = torch.empty(h_ND.shape, dtype=torch.float32, device=h_ND.device) if want_h else None
+    gW_VD = torch.zeros(W_VD.shape, dtype=torch.float32, device=W_VD.device) if want_W else None
+    for s in range(0, h_ND.shape[0], HEAD_CHUNK):
+        h_cD, lab_c = h_ND[s:s + HEAD_CHUNK], lab_N[s:s + HEAD_CHUNK]
+        z_cV = (h_cD @ W_VD.T).float()
+        lse_c = torch.logsumexp(z_cV, 1)
+        loss += (lse_c - z_cV.gather(1, lab_c[:, None])[:, 0]).sum()
+        if want_h or want_W:
+            g_cV = z_cV.sub_(lse_c[:, None]).exp_()  # d loss / d logits = softmax - one-hot, in place
+            g_cV[torch.arange(len(lab_c), device=g_cV.device), lab_c] -= 1.0
+            g_cV = g_cV.to(mm_dtype)
+            if want_h:
+                gh_ND[s:s + HEAD_CHUNK] = g_cV @ W_VD.to(mm_dtype)
+            if want_W:
+                gW_VD += g_cV.T @ h_cD.to(mm_dtype)
+    return loss, gh_ND, gW_VD
+
+
+class _LinearCE(torch.autograd.Function):
+    """linear_ce under autograd: the forward already holds the gradients (the loss is a scalar), backward scales."""
+
+    @staticmethod
+    def forward(ctx, h_ND, W_VD, lab_N):
+        loss, gh_ND, gW_VD = linear_ce(h_ND, W_VD, lab_N, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(gh_ND, gW_VD)
+        ctx.dtypes = h_ND.dtype, W_VD.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        gh_ND, gW_VD = ctx.saved_tensors
+        gh = None if gh_ND is None else (gh_ND * g).to(ctx.dtypes[0])
+        gW = None if gW_VD is None else (gW_VD * g).to(ctx.dtypes[1])
+        return gh, gW, None
+
+
+def head_ce_sum(head: nn.Linear, h_BTD: torch.Tensor, labels_BT: torch.Tensor, norm: nn.Module | None = None
+                ) -> torch.Tensor:
+    """Cross-entropy summed over the labelled positions of the logits head(norm(h)): the vocabulary projection is a
+    step's largest matmul, so it runs only where labels are kept (SFT rows are mostly prompt tokens that carry no
+    loss), fused with the loss and its gradients (linear_ce). The same value and gradients as F.cross_entropy over
+    the full logits with ignore_index, up to summation order. The softmax is fp32: a bf16 log-sum-exp over 155k
     logits loses the small probabilities that carry the loss."""
     keep_BT = labels_BT != IGNORE
-    return F.cross_entropy(head(h_BTD[keep_BT]).float(), labels_BT[keep_BT], reduction="sum")
+    h_ND = h_BTD[keep_BT]
+    if norm is not None:
+        h_ND = norm(h_ND)
+    if torch.is_grad_enabled() and (h_ND.requires_grad or head.weight.requires_grad):
+        return _LinearCE.apply(h_ND, head.weight, labels_BT[keep_BT])
+    return linear_ce(h_ND, head.weight, labels_BT[keep_BT])[0]
 
 
 def sequence_balance_sum(idx_Nk: torch.Tensor, logits_NE: torch.Tensor, rows: int) -> torch.Tensor:
@@ -96,7 +151,8 @@ def loss_denominators(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, mtp_depth
     den = {"rows": float(B), "queries": float(B * T)}
     for d in range(mtp_depth + 1):  # depth 0 = next token; depth d predicts token t + 1 + d
         n = T - d
-        den[f"labels{d}"] = float(max(1, int((shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1) != IGNORE).sum())))
+        labels_Bn = shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1)
+        den[f"labels{d}"] = float(max(1, int((labels_Bn != IGNORE).sum())))
         den[f"queries{d}"] = float(B * n)
     return den
 
@@ -141,7 +197,7 @@ class ForwardLoss(nn.Module):
             h_prev = model.mtp_hidden(h_prev[:, :n], tokens_BT1[:, d:d + n], pos_BT[:, :n], 0, None, doc_BT[:, :n],
                                       auxes[-1])
             labels_Bn = shifted_labels(tokens_BT1, doc_BT1, d + 1, n, loss_BT1)
-            mtp.append(head_ce_sum(model.mtp_head(0), h_prev, labels_Bn) / den[f"labels{d}"])
+            mtp.append(head_ce_sum(model.lm_head, h_prev, labels_Bn, model.mtp[0].shared_head.norm) / den[f"labels{d}"])
         if mtp:
             losses["mtp"] = torch.stack(mtp).mean()
 
