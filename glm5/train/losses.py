@@ -41,7 +41,9 @@ def shifted_labels(tokens_BT1: torch.Tensor, doc_BT1: torch.Tensor, shift: int, 
     return lab_Bn.masked_fill(~keep_Bn, IGNORE)
 
 
-HEAD_CHUNK = 512  # rows of logits per chunk: [512, V] fp32 stays in cache (1024 or 2048 were slower on AVX2)
+# Rows of logits per chunk. At FULL's head (V = 4096) 512-1024 rows measured fastest on AVX2 (64 and 128 slower);
+# at V = 32768 chunking neither gains nor loses from 512 rows up (BENCHMARKS.md). [512, 155k] fp32 is 317 MB.
+HEAD_CHUNK = 512
 
 
 def linear_ce(h_ND: torch.Tensor, W_VD: torch.Tensor, lab_N: torch.Tensor, want_h: bool = False,
