@@ -405,8 +405,9 @@ def trained_fp8_metrics():
     "served" are the positions whose next token the model writes when it is served (the SFT loss targets: its
     reasoning, answers, tool calls and the stop token), ~1.5k of them; "all" adds those predicting text it only
     reads (system prompt, user turns, tool results). There the model's distribution is broad (a user's next digit),
-    so near-ties flip under any perturbation: the session-17 model agrees on 100% of the served positions (KL
-    1.7e-4) and 98.5% of all (KL 4.9e-3); the session-14 model 99.9% (2.8e-4) and 99.4% (3.6e-3) (dev/LOG.md)."""
+    so near-ties flip under any perturbation: the session-19 model agrees on 99.7% of the served positions (KL
+    9.8e-4) and 98.8% of all (KL 3.1e-3); the session-17 model 100% (1.7e-4) and 98.5% (4.9e-3); the session-14
+    model 99.9% (2.8e-4) and 99.4% (3.6e-3) (dev/LOG.md)."""
     from glm5.data import examples
     from glm5.tokenizer import Tokenizer
     from glm5.train.sft import chat_doc

@@ -256,7 +256,7 @@ def test_copy_probe_scores_the_repeated_tool_result(ci_run):
 
 
 def test_full_run_without_fast_bf16_is_warned_about(monkeypatch):
-    """A full speedrun on a CPU without AMX trains in fp32, about twice as slowly: said up front. Where bf16 is fast,
+    """A full speedrun on a CPU without fast bf16 trains in fp32, about twice as slowly: said up front. Where bf16 is fast,
     and for the CI-sized recipe, nothing is said."""
     import glm5.speedrun.pipeline as P
     from glm5.speedrun.recipe import CI, FULL

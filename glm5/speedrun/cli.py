@@ -22,8 +22,8 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--autocast", choices=AUTOCASTS, default="auto",
-                   help="training numerics: bf16 autocast where bf16 matmuls are fast (CUDA, AMX CPUs), else fp32 "
-                        "(auto); or either one (the shipped model trained in bf16)")
+                   help="training numerics: bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX or "
+                        "AVX512-BF16), else fp32 (auto); or either one")
     p.add_argument("--stop-after", help="stop after this stage (e.g. sft), continue later with the same --out-dir")
     p.add_argument("--ship", action="store_true", help="afterwards, install the result as the package's default "
                    "model (glm5/assets/model/), replacing the one there")

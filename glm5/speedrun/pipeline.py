@@ -150,8 +150,8 @@ AUTOCASTS = ("auto", "bf16", "none")
 
 
 def autocast_for(device: str) -> str:
-    """bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX); fp32 elsewhere (AVX2 CPUs multiply bf16
-    hundreds of times slower than fp32)."""
+    """bf16 autocast where bf16 matmuls are fast (CUDA, CPUs with AMX or AVX512-BF16); fp32 elsewhere (AVX2 CPUs
+    multiply bf16 hundreds of times slower than fp32)."""
     from ..train.optim import bf16_is_fast
 
     return "bf16" if bf16_is_fast(device) else "none"
@@ -160,9 +160,9 @@ def autocast_for(device: str) -> str:
 def platform_warning(r: Recipe, device: str, autocast: str) -> str | None:
     """What a user should know before a full run on this machine with this autocast, or None."""
     if r.name == FULL.name and autocast == "none" and autocast_for(device) == "none":
-        return ("this CPU has no fast bf16 (no AMX): the speedrun trains in fp32, about twice as slowly as with AMX's "
-                "bf16 (on 2 AVX2 cores about an hour, not 30 minutes: 58-69 minutes at 2 threads); the shipped model "
-                "was trained so (README)")
+        return ("this CPU has no fast bf16 (neither AMX nor AVX512-BF16): the speedrun trains in fp32, about twice as "
+                "slowly as in bf16 (on 2 AVX2 cores about an hour, not 30 minutes: 58-69 minutes at 2 threads), and "
+                "trains another model than the shipped one, which was trained in bf16 (README)")
     return None
 
 

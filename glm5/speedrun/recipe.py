@@ -20,7 +20,8 @@ class Stage:
     schedule: str = "cosine"
     # glm5.train.optim's "adamw" or "muon". FULL pre-trains with Muon: in fp32 on an AVX2 CPU, 2 of 2 Muon
     # pre-trainings learned to copy from the context by step 675 and recalled 99% of the world's facts, where 0 of 5
-    # AdamW ones copied there (dev/LOG.md, session 12). The later stages fine-tune with AdamW.
+    # AdamW ones copied there (dev/LOG.md, session 12); in bf16 autocast on an AVX512-BF16 CPU 2 of 2 copied too
+    # (session 19). The later stages fine-tune with AdamW.
     optimizer: str = "adamw"
     mtp_from: int = 0  # the MTP loss from this step on (glm5.train.loop.TrainConfig.mtp_from)
 
@@ -57,8 +58,9 @@ class Recipe:
     eval_n: int = 100  # held-out examples per family but retrieval
     # Retrieval examples per context length (split over depths 0.1 / 0.5 / 0.9). At the longest trained length
     # (1024) the eval compares sparse with dense, and "within 5 points" needs a few hundred: the paired 95% interval
-    # of the difference is about +-5 points at 300 (+-16 at the 33 it used to get). Past it, a look at extrapolation.
-    eval_retrieval: dict = field(default_factory=lambda: {1024: 300, 2048: 33, 4096: 33})
+    # of the difference is about +-5 points at 300 (+-16 at the 33 it used to get). Past it, a look at extrapolation:
+    # 5 per depth (11 per depth cost ~100 s more of the eval, mostly prefill at 4K, for cells near 0%; session 19).
+    eval_retrieval: dict = field(default_factory=lambda: {1024: 300, 2048: 15, 4096: 15})
     eval_max_tokens: int = 256
     index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
     whole_docs: bool = False  # True: pack documents whole where they fit a row (padding the rest; see dev/LOG.md)
