@@ -31,7 +31,7 @@ import torch
 from machine import cpu_stall_us  # bench/machine.py (python puts bench/ on sys.path)
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import glm5  # noqa: E402
 from glm5.model.cache import DenseCache  # noqa: E402
 from glm5.quant import (FP8Experts, FP8Linear, dequantize, kernels, load_fp8_model, quantize,  # noqa: E402

@@ -1,7 +1,7 @@
 """MTP draft acceptance in the eval: replaying the whole model over every prompt + completion (before) against the
 MTP layer alone over the hidden states the engine hands back (`add_request(return_hidden=True)`, now).
 
-    .venv/bin/python bench/mtp_eval.py [--model glm5/assets/model] [--n 6] [--rounds 3] [--threads 2]
+    .venv/bin/python bench/mtp_eval.py [--model src/glm5/assets/model] [--n 6] [--rounds 3] [--threads 2]
 
 Greedy completions (64 tokens) of n held-out prompts per family: arithmetic, and retrieval at 1K, 2K and 4K tokens
 (the eval's long prompts, where the replay costs most). Both sides score the same drafts and must count the same
@@ -20,7 +20,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="glm5/assets/model")
+    ap.add_argument("--model", default="src/glm5/assets/model")
     ap.add_argument("--n", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

@@ -161,7 +161,7 @@ def _git_state() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno", "--", "glm5"], cwd=root, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno", "--", "src/glm5"], cwd=root, capture_output=True,
                                text=True, check=True).stdout.strip()
         return f"{head}{' + uncommitted changes to tracked files in glm5/' if dirty else ''}"
     except (OSError, subprocess.CalledProcessError):

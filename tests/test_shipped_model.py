@@ -31,7 +31,7 @@ def test_glm5_chat_answers_the_readme_question():
     from glm5.server.launch import sampling_defaults
 
     assert sampling_defaults(ASSET_MODEL_DIR) == {"temperature": 0.0}
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     r = subprocess.run([sys.executable, "-m", "glm5.cli", "chat", "--threads", "1"],
                        input="What is 1234 + 5678?\n", capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and "> " in r.stdout, (r.stdout, r.stderr)

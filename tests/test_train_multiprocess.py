@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process: bitwise-reproducible CPU arithmetic, and two ranks fit the two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 COMMON = ["--threads", "1", "--no-progress", "--no-plots", "--seq-len", "24", "--synthetic-max-len", "30",
           "--bias-speed", "0.01", "--mtp-depth", "2"]
 
