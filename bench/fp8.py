@@ -7,7 +7,7 @@ in FP8 vs fp32, one run.
    fp32 GEMV over the same matrix: the reference (torch's float8 -> float32 cast, scale, F.linear), a 256-entry
    lookup table, the bf16 bit trick (the pure-PyTorch fallback), torch.compile of dequantize + matmul (compile time
    reported), and the C kernel (fused dequantize-GEMV; and dequantize rows + BLAS, the path above 8 tokens).
-2. The `small` preset: save fp32 -> `quantize --to fp8` -> load_fp8_model. Resident bytes of parameters and
+2. The `small` preset: save fp32 -> `quantize --to fp8` -> load_model. Resident bytes of parameters and
    buffers; batch-1 decode tokens/s (glm5.DenseCache, model(ids_step, cache=cache) per token, after a prefill)
    of fp32 (MoE grouped and loop) and FP8 (fast path; reference path; fast with activation quantization),
    interleaved round by round, median per-token time; quality of FP8 vs fp32 logits on random weights.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import glm5  # noqa: E402
 from glm5.model.cache import DenseCache  # noqa: E402
-from glm5.quant import (FP8Experts, FP8Linear, dequantize, kernels, load_fp8_model, quantize,  # noqa: E402
+from glm5.quant import (FP8Experts, FP8Linear, dequantize, kernels, quantize,  # noqa: E402
                         quantize_checkpoint, set_linear_impl, weight_bytes)
 from glm5.quant.fp8 import _expand  # noqa: E402
 
@@ -130,16 +130,16 @@ def model_bench(args, out):
         ckpt_fp8 = sum(p.stat().st_size for p in (Path(tmp) / "fp8").glob("*.safetensors"))
         ckpt_fp32 = sum(p.stat().st_size for p in (Path(tmp) / "fp32").glob("*.safetensors"))
         t0 = time.perf_counter()
-        fp8 = load_fp8_model(Path(tmp) / "fp8")
+        fp8 = glm5.load_model(Path(tmp) / "fp8")
         t_load = time.perf_counter() - t0
-        fp8_bf16 = load_fp8_model(Path(tmp) / "fp8", dtype=torch.bfloat16)
+        fp8_bf16 = glm5.load_model(Path(tmp) / "fp8", dtype=torch.bfloat16)
     bf16_bytes = weight_bytes(glm5.load_model(cfg, dtype=torch.bfloat16))
     n = sum(p.numel() for p in dense.parameters())
     embed_head = dense.model.embed_tokens.weight.numel() + dense.lm_head.weight.numel()
     out.append(f"\n  small preset: {n / 1e6:.1f}M parameters, embedding + head {embed_head / n:.0%} of them "
                "(GLM-5: 0.25%); both stay unquantized in GLM-5-FP8")
     out.append(f"  quantize --to fp8: {t_conv:.1f} s, checkpoint {ckpt_fp32 / 1e6:.0f} MB fp32 -> "
-               f"{ckpt_fp8 / 1e6:.0f} MB; load_fp8_model {t_load:.1f} s")
+               f"{ckpt_fp8 / 1e6:.0f} MB; load_model {t_load:.1f} s")
     out.append(f"  resident weights (parameters + buffers):")
     for name, b in (("fp32", weight_bytes(dense)), ("BF16", bf16_bytes),
                     ("FP8, unquantized tensors fp32 (CPU default)", weight_bytes(fp8)),

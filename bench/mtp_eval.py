@@ -27,7 +27,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from glm5.api import load_model
+    from glm5.loader import load_model
     from glm5.chat import render_chat
     from glm5.data import examples
     from glm5.engine import Engine

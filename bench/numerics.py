@@ -38,8 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from glm5.api import load_model
-    from glm5.server.launch import ASSET_MODEL_DIR
+    from glm5.loader import load_model
+    from glm5.loader import SHIPPED_MODEL_DIR
     from glm5.train.loop import set_stage
     from glm5.train.losses import head_ce_sum, loss_denominators, shifted_labels
     from glm5.train.optim import bf16_is_fast, build_optimizer
@@ -51,7 +51,7 @@ def main() -> None:
         f, b = matmul_gflops(torch.float32, *shape), matmul_gflops(torch.bfloat16, *shape)
         print(f"| {shape} | {f:.0f} | {b:.0f} | {b / f:.2f}x |")
 
-    model = load_model(ASSET_MODEL_DIR / "config.json", dtype=torch.float32, seed=0)
+    model = load_model(SHIPPED_MODEL_DIR / "config.json", dtype=torch.float32, seed=0)
     model.train()
     set_stage(model, "pretrain", 1)
     opt = build_optimizer(model, "muon", lr=1e-5)  # tiny LR: both sides step from (nearly) the same weights

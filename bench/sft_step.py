@@ -36,8 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from glm5.api import load_model
-    from glm5.server.launch import ASSET_MODEL_DIR
+    from glm5.loader import load_model
+    from glm5.loader import SHIPPED_MODEL_DIR
     from glm5.speedrun.pipeline import sft_examples
     from glm5.speedrun.recipe import FULL
     from glm5.tokenizer import Tokenizer
@@ -46,8 +46,8 @@ def main() -> None:
     from glm5.train.losses import IGNORE, head_ce_sum, loss_denominators, shifted_labels
     from glm5.train.sft import ChatDocs
 
-    tok = Tokenizer.from_dir(ASSET_MODEL_DIR)
-    model = load_model(ASSET_MODEL_DIR / "config.json", dtype=torch.float32, seed=0)
+    tok = Tokenizer.from_dir(SHIPPED_MODEL_DIR)
+    model = load_model(SHIPPED_MODEL_DIR / "config.json", dtype=torch.float32, seed=0)
     model.train()
     set_stage(model, "pretrain", 1)
     if args.data == "sft":

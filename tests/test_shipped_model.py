@@ -9,28 +9,28 @@ from pathlib import Path
 
 import torch
 
-from glm5.server.launch import ASSET_MODEL_DIR, load_for_serving
+from glm5.loader import SHIPPED_MODEL_DIR, load
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_model_is_the_default_and_small():
-    files = {p.name: p.stat().st_size for p in ASSET_MODEL_DIR.iterdir()}
+    files = {p.name: p.stat().st_size for p in SHIPPED_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     assert sum(files.values()) <= 25 * 2**20
-    loaded = load_for_serving(None)
-    assert not loaded.untrained and Path(loaded.source).resolve() == ASSET_MODEL_DIR.resolve()
+    loaded = load(None)
+    assert not loaded.untrained and Path(loaded.source).resolve() == SHIPPED_MODEL_DIR.resolve()
     assert loaded.model.config.vocab_size == len(loaded.tokenizer)
-    report = json.loads((ASSET_MODEL_DIR / "eval.json").read_text())  # the eval table the README quotes
+    report = json.loads((SHIPPED_MODEL_DIR / "eval.json").read_text())  # the eval table the README quotes
     assert report["suites"]["arithmetic"]["n"] > 0
 
 
 def test_glm5_chat_answers_the_readme_question():
     """As a user runs it, no sampling flags: the shipped generation_config.json makes it greedy, so the answer is the
     model's, not a lucky sample's (at temperature 1 it slips a carry: 6902)."""
-    from glm5.server.launch import sampling_defaults
+    from glm5.loader import sampling_defaults
 
-    assert sampling_defaults(ASSET_MODEL_DIR) == {"temperature": 0.0}
+    assert sampling_defaults(SHIPPED_MODEL_DIR) == {"temperature": 0.0}
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     r = subprocess.run([sys.executable, "-m", "glm5.cli", "chat", "--threads", "1"],
                        input="What is 1234 + 5678?\n", capture_output=True, text=True, timeout=300, env=env)
@@ -48,7 +48,7 @@ def test_answers_in_the_trained_format():
     from glm5.engine import Engine, SamplingParams
 
     torch.set_num_threads(1)
-    loaded = load_for_serving(None)
+    loaded = load(None)
     tok = loaded.tokenizer
     qs = ["What is 1234 + 5678?", "What is 905 - 1337?", "What is 4321 * 7?"]
     eng = Engine(loaded.model, eos_token_ids=tok.eos_ids)

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from .api import build_model
 from .config import ModelConfig
+from .loader import build_model
+from .quant.format import quantized_by_release
+from .weights import to_hf_names
 
-# Left in BF16 by the GLM-5-FP8 release (GLM5.md §2): embeddings, head, norms, router, indexer head weights.
-FP8_SKIP = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "indexer.weights_proj", "eh_proj")
 FP8_BLOCK = 128
-
-
-def _fp8_quantized(name: str, t: torch.Tensor) -> bool:
-    return t.dim() >= 2 and not any(s in name for s in FP8_SKIP)
 
 
 def weight_report(cfg: ModelConfig) -> dict:
@@ -29,7 +24,7 @@ def weight_report(cfg: ModelConfig) -> dict:
             fp8 += 4 * n
             continue
         bf16 += 2 * n
-        if _fp8_quantized(name, t):
+        if quantized_by_release(to_hf_names(name, cfg)[0][0]):
             *lead, rows, cols = t.shape
             mats = math.prod(lead) if lead else 1
             scales = mats * math.ceil(rows / FP8_BLOCK) * math.ceil(cols / FP8_BLOCK)

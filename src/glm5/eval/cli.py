@@ -87,7 +87,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from ..config import ConfigError
-    from ..server.launch import ASSET_MODEL_DIR, load_for_serving
+    from ..loader import SHIPPED_MODEL_DIR, load, shipped_model_available
     from .report import format_table, write_json
     from .run import evaluate
 
@@ -96,13 +96,13 @@ def cmd_eval(args) -> int:
         return 2
     spec = args.model
     if spec is None:
-        if not (ASSET_MODEL_DIR / "config.json").is_file():
-            raise ConfigError(f"no shipped model at {ASSET_MODEL_DIR} (config.json missing): pass --model DIR "
+        if not shipped_model_available():
+            raise ConfigError(f"no shipped model at {SHIPPED_MODEL_DIR} (config.json missing): pass --model DIR "
                               f"(a trained checkpoint) or a preset (tiny, small) to evaluate random weights")
-        spec = ASSET_MODEL_DIR
+        spec = SHIPPED_MODEL_DIR
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_for_serving(spec, tokenizer_dir=args.tokenizer, device=args.device)
+    loaded = load(spec, tokenizer_dir=args.tokenizer, device=args.device)
     if loaded.untrained:
         print(loaded.banner(), file=sys.stderr)
     result = evaluate(loaded.model, loaded.tokenizer, n=args.n, seed=args.seed, max_tokens=args.max_tokens,

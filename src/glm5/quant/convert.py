@@ -85,7 +85,7 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, to: str = "fp8"
 
 @torch.no_grad()
 def save_fp8_checkpoint(model, out_dir: str | Path, dense_dtype=torch.bfloat16, max_shard_bytes: int = 4 << 30) -> Path:
-    """Write an in-memory FP8 model (load_fp8_model / quantize_model) as an FP8 checkpoint: e4m3 weights and their
+    """Write an in-memory FP8 model (glm5.load_model of an FP8 checkpoint, or quantize_model) as an FP8 checkpoint: e4m3 weights and their
     scales as they are, kv_b_proj re-quantized (its values are already on the e4m3 grid), other tensors in
     dense_dtype except the fp32-kept ones. (glm5.save_checkpoint would cast e4m3 buffers as if unscaled.)"""
     cfg = model.config

@@ -14,38 +14,18 @@ low", vllm/v1/attention/backends/mla/common.py). In GLM-5 it is 0.16% of the wei
 
 from __future__ import annotations
 
-import json
-import logging
-from pathlib import Path
-
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..config import ModelConfig, read_hf_config
 from ..model.moe import Experts
-from ..weights import (_MTP_TIED_COPIES, CheckpointError, checkpoint_files, from_hf_name, has_mtp_weights,
-                       raise_mismatch, to_hf_names)
+from ..weights import _MTP_TIED_COPIES, CheckpointError, from_hf_name, raise_mismatch, to_hf_names
 from .fp8 import BLOCK, FP8, FP8Experts, FP8Linear, dequantize, quantize, scale_shape
-from .format import FP8Format, quantized_by_release, read_quant_config
-
-log = logging.getLogger("glm5.quant")
+from .format import FP8Format, quantized_by_release
 
 SCALE = "_scale_inv"
 DENSE_LINEARS = ("kv_b_proj",)  # read as .weight by the model: dequantized at load (see the module docstring)
 _SCALE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    """True if path is a checkpoint directory whose config.json has a quantization_config (of any method: an
-    unsupported one must reach load_fp8_model and fail there with a clear error, not load as dense)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "quantization_config" in json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False  # resolve_config reports the broken file
 
 
 # -- which modules can hold FP8 ------------------------------------------------------------------------------------
@@ -97,29 +77,17 @@ def quantize_model(model: nn.Module, block=BLOCK) -> nn.Module:
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
-def load_fp8_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Stream an FP8 checkpoint (ours or laid out like zai-org/GLM-5-FP8) into a GLM5 built on the meta device:
-    e4m3 matrices stay e4m3 with their scales; everything else in `dtype` (fp32 on CPU by default)."""
-    from ..api import build_model, default_dtype  # here, not at the top: glm5.api may route FP8 dirs to us
-
-    p = Path(path)
-    hf, cfg_file = read_hf_config(p)
-    fmt = read_quant_config(hf, cfg_file)
-    if fmt is None:
-        raise CheckpointError(f"{cfg_file}: no quantization_config, not an FP8 checkpoint (use glm5.load_model)")
-    cfg = ModelConfig.from_hf(cfg_file)
-    dtype = dtype or default_dtype(device)
-    shards = checkpoint_files(p)
-    if cfg.num_nextn_predict_layers and not has_mtp_weights(shards, cfg):
-        log.warning("%s has no MTP layer weights (model.layers.%d.*): loading without MTP", p, cfg.num_hidden_layers)
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+def fill_fp8(model: nn.Module, shards: dict[str, list[str]], fmt: FP8Format, device: str | torch.device = "cpu",
+             where: str = "checkpoint") -> nn.Module:
+    """A GLM5 built on the meta device, filled from FP8 shards (ours or laid out like zai-org/GLM-5-FP8): the modules
+    whose matrices are stored e4m3 are swapped for FP8 ones and keep their e4m3 values and scales; everything else
+    is read in the model's dtype. Returns the materialised model."""
     info = _scan(shards)
-    model = build_model(cfg, "meta", dtype)
-    fp8_keys = _check_pairs(info, fmt, str(p))
-    _swap(model, _plan(model, fp8_keys, str(p)), fmt.block, "meta")
+    fp8_keys = _check_pairs(info, fmt, where)
+    _swap(model, _plan(model, fp8_keys, where), fmt.block, "meta")
     model = model.to_empty(device=device)
-    _fill(model, shards, info, fp8_keys, fmt, str(p))
-    return model.eval()
+    _fill(model, shards, info, fp8_keys, fmt, where)
+    return model
 
 
 def _scan(shards: dict[str, list[str]]) -> dict[str, tuple[str, str, tuple]]:

@@ -4,12 +4,12 @@
     with BackgroundServer(create_app("tiny")) as srv:   # uvicorn on a free 127.0.0.1 port, in a thread
         ...  # openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
 
-Layers (STYLE.md rule 10): app.py (routes, errors, limits) → serving.py (chat / completions, chat format, SSE) →
+Layers, each knowing only the one below: app.py (routes, errors, limits) → serving.py (chat / completions, chat format, SSE) →
 runs.py (admission, sampling params, abort on exit) → worker.py (the engine thread) → glm5.engine.
 """
 
 from .app import create_app
-from .launch import BackgroundServer, build_engine, load_for_serving
+from .launch import BackgroundServer, build_engine
 from .runs import Limits
 
-__all__ = ["BackgroundServer", "Limits", "build_engine", "create_app", "load_for_serving"]
+__all__ = ["BackgroundServer", "Limits", "build_engine", "create_app"]

@@ -143,10 +143,11 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
                sampling: dict | None = None) -> FastAPI:
     """engine_or_model: an Engine (or any object with its add_request / step / abort / has_unfinished / stats /
     max_model_len), a GLM5 model, a preset name, a checkpoint directory, or None for the default model (see
-    glm5.server.launch.load_for_serving). tokenizer: needed with an Engine or a model (default: the shipped one).
+    glm5.loader.load). tokenizer: needed with an Engine or a model (default: the shipped one).
     sampling: defaults for what a request leaves unset (temperature, top_p, top_k; default: a loaded checkpoint's
     generation_config.json, else OpenAI's)."""
-    from .launch import build_engine, load_for_serving
+    from ..loader import load
+    from .launch import build_engine
 
     if hasattr(engine_or_model, "add_request"):
         engine = engine_or_model
@@ -154,7 +155,7 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
         name = model_name or "glm5"
     else:
         if engine_or_model is None or isinstance(engine_or_model, (str, Path)):
-            loaded = load_for_serving(engine_or_model, tokenizer_dir=tokenizer_dir, device=device)
+            loaded = load(engine_or_model, tokenizer_dir=tokenizer_dir, device=device)
             model, tok, name = loaded.model, loaded.tokenizer, model_name or loaded.name
             sampling = loaded.sampling if sampling is None else sampling
         else:

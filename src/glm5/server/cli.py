@@ -79,11 +79,11 @@ def add_parser(sub) -> None:
 def _load(args, quiet: bool = False):
     import torch
 
-    from .launch import load_for_serving
+    from ..loader import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_for_serving(args.model, tokenizer_dir=args.tokenizer, device=args.device)
+    loaded = load(args.model, tokenizer_dir=args.tokenizer, device=args.device)
     if loaded.untrained or not quiet:
         print(loaded.banner(), file=sys.stderr)
     return loaded

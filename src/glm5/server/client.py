@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from ..chat import render_chat
 from ..chat_parse import StreamingParser
 from ..engine import SamplingParams
-from .launch import with_openai_defaults
+from ..loader import with_openai_defaults
 from .outputs import SampleText
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..engine import RequestError, SamplingParams, StepOutput
-from .launch import with_openai_defaults
+from ..loader import with_openai_defaults
 from .metrics import Metrics
 from .protocol import APIError
 from .worker import EngineFailure, EngineWorker
