@@ -14,7 +14,7 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $TORCH_SPE
 say() { echo "glm5 setup: $*"; }
 # pip's own lines for what it fetches and installs, without the "already satisfied" noise
 pip_install() { .venv/bin/python -m pip install --progress-bar off "$@" 2>&1 \
-  | sed -un -E 's/^(Collecting|Downloading|Successfully installed|ERROR:) ?/  \1 /p'; }
+  | sed -un -E 's/^(Processing|Collecting|Downloading|Successfully installed|ERROR:) ?/  \1 /p'; }
 
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$PY" --version 2>&1); the first set-up installs PyTorch and takes a few minutes"

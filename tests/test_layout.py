@@ -104,3 +104,30 @@ def test_python_started_next_to_the_clone_imports_the_installed_package(tmp_path
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).resolve() == PKG / "__init__.py"
+
+
+def test_setup_says_what_it_installs_once_then_is_silent(tmp_path):
+    """scripts/setup.sh on a stand-in Python that records its calls: the first run says what it installs, the second
+    prints nothing and installs nothing."""
+    (tmp_path / "scripts").mkdir()
+    for f in ("scripts/setup.sh", "pyproject.toml"):
+        (tmp_path / f).write_text((ROOT / f).read_text())
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; fi
+if [ "$1 $2 $3" = "-m pip install" ]; then echo "Collecting something-from-pip"; fi
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    env.pop("GLM5_TORCH", None)
+    first = subprocess.run(["bash", "scripts/setup.sh", "test"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "creating .venv" in first.stdout and "installing torch==2.13.0" in first.stdout, first.stdout
+    assert "Collecting something-from-pip" in first.stdout and "test extra" in first.stdout
+    calls = log.read_text()
+    assert "-m venv .venv" in calls and 'install --progress-bar off torch==2.13.0' in calls and "-e .[test]" in calls
+    log.unlink()
+    again = subprocess.run(["bash", "scripts/setup.sh", "test"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and again.stdout == "" and again.stderr == "" and not log.exists()
