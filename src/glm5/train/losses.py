@@ -47,11 +47,15 @@ HEAD_CHUNK = 512
 
 
 def linear_ce(h_ND: torch.Tensor, W_VD: torch.Tensor, lab_N: torch.Tensor, want_h: bool = False,
-              want_W: bool = False):
+              want_W: bool = False, w_N=None):
     """(sum_n CE(h[n] @ W.T, lab[n]), d/dh or None, d/dW or None), row chunk by row chunk, the gradients (fp32)
     computed on the way: the [N, V] logits and their gradient never exist whole, and no separate log-softmax pass
     runs over them (Liger's fused linear cross-entropy). The matmuls run in the ambient dtype (bf16 under
-    autocast), the softmax in fp32."""
+    autocast), the softmax in fp32.
+
+    w_N weights each row's CE and its gradient (sum_n w_n CE_n; weights are constants, never differentiated): a
+    tensor [N], or a function (rows: slice, ce_c: fp32 [c]) -> w_c, called once per chunk with that chunk's CE, for
+    weights that depend on the row's own log-prob -log p = CE (the RL policy loss's), so one pass suffices."""
     dev = h_ND.device.type
     mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_ND.dtype
     loss = torch.zeros((), dtype=torch.float32, device=h_ND.device)
@@ -61,10 +65,17 @@ def linear_ce(h_ND: torch.Tensor, W_VD: torch.Tensor, lab_N: torch.Tensor, want_
         h_cD, lab_c = h_ND[s:s + HEAD_CHUNK], lab_N[s:s + HEAD_CHUNK]
         z_cV = (h_cD @ W_VD.T).float()
         lse_c = torch.logsumexp(z_cV, 1)
-        loss += (lse_c - z_cV.gather(1, lab_c[:, None])[:, 0]).sum()
+        ce_c = lse_c - z_cV.gather(1, lab_c[:, None])[:, 0]
+        w_c = None
+        if w_N is not None:
+            w_c = (w_N(slice(s, s + len(lab_c)), ce_c) if callable(w_N) else w_N[s:s + HEAD_CHUNK]).float()
+            ce_c = w_c * ce_c
+        loss += ce_c.sum()
         if want_h or want_W:
             g_cV = z_cV.sub_(lse_c[:, None]).exp_()  # d loss / d logits = softmax - one-hot, in place
             g_cV[torch.arange(len(lab_c), device=g_cV.device), lab_c] -= 1.0
+            if w_c is not None:
+                g_cV.mul_(w_c[:, None])
             g_cV = g_cV.to(mm_dtype)
             if want_h:
                 gh_ND[s:s + HEAD_CHUNK] = g_cV @ W_VD.to(mm_dtype)
