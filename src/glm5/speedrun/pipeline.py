@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -20,19 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .recipe import FULL, RECIPES, Recipe
+from .recipe import FULL, RECIPES, TRAIN_AS, TRAIN_STAGES, Recipe, indexer_only
+from .report import write_report
 
 log = logging.getLogger("glm5.speedrun")
-TRAIN_STAGES = ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align")
-# The stage each trains as (glm5.train.loop): dsa_align is the warm-up's indexer-only KL again, after the SFT (which
-# trains with dense attention), so that the indexers pick the keys the SFT'd model attends to.
-TRAIN_AS = {"dsa_align": "dsa_warmup"}
-STAGES = ("tokenizer", *TRAIN_STAGES, "export", "eval", "report")  # eval reads the exported (shipped) files
-
-
-def indexer_only(stage: str) -> bool:
-    """Does this speedrun stage train the indexers alone (the warm-up's loss: cheaper steps, an indexer-KL curve)?"""
-    return TRAIN_AS.get(stage, stage) == "dsa_warmup"
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -59,12 +51,10 @@ def retrieval_examples(r: Recipe, tok, n: int, lengths: tuple[int, int], split: 
                      count_tokens=count)[0] for i in range(n)]
 
 
-def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int], seed: int,
-                 mixture: dict | None = None) -> list[list[int]]:
-    """About `tokens` tokens of pre-training documents in `mixture`'s proportions (default r.mixture), shuffled.
-    Chats are rendered without the generation prompt and trained on every token."""
-    from ..data import copy_texts, encyclopedia, examples, natural_text, world
-    from ..data.world import OTHER_WORDS_STYLE
+def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    """About `tokens` tokens of pre-training documents in r.mixture's proportions, shuffled. Chats are rendered
+    without the generation prompt and trained on every token."""
+    from ..data import encyclopedia, examples, natural_text, world
     from ..train.sft import chat_doc
 
     rng = random.Random(f"speedrun/mixture/{seed}")
@@ -73,20 +63,16 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
     pools["natural"] = [d for d in nat if d]
     w = world()  # the world every question family and the eval ask about: r.seed changes the draw, never the facts
     docs = []
-    for fam, frac in (r.mixture if mixture is None else mixture).items():
+    for fam, frac in r.mixture.items():
         want, got, i = int(tokens * frac), 0, 0
         while got < want:
             if fam == "natural":
                 new = pools["natural"][i:i + 64] or pools["natural"][:64]
                 i = (i + 64) % len(pools["natural"])
-            elif fam in ("encyclopedia", "other_words"):  # every entity, re-paraphrased per round
-                arts = (encyclopedia(w, seed=seed * 1000 + i) if fam == "encyclopedia" else
-                        encyclopedia(w, seed=seed * 1000 + i, paraphrases=1, styles=(OTHER_WORDS_STYLE,)))
+            elif fam == "encyclopedia":  # every entity, re-paraphrased per round
+                arts = encyclopedia(w, seed=seed * 1000 + i)
                 rng.shuffle(arts)
                 new = [tok.encode("\n\n".join(arts[j:j + 8])) for j in range(0, len(arts), 8)]
-                i += 1
-            elif fam == "copy":
-                new = [tok.encode(t) for t in copy_texts(256, seed=seed * 1_000_003 + i)]
                 i += 1
             else:
                 n = 256 if fam != "retrieval" else 16
@@ -101,30 +87,6 @@ def mixture_docs(r: Recipe, tok, tokens: int, retrieval_lengths: tuple[int, int]
                 got += len(d)
     rng.shuffle(docs)
     return docs
-
-
-LATE_SEED = 97  # the late mixture's documents: another draw than the early ones (seeds 0-3 are the stages')
-
-
-def pretrain_docs(r: Recipe, tok, seed: int) -> list[list[int]]:
-    """The pre-training stream: r.mixture, and from step r.late_from on r.late_mixture (documents drawn with another
-    seed). The steps before late_from see exactly what a one-mixture run sees."""
-    from ..train.data import Packer
-
-    spec = r.pretrain
-    row = spec.batch_size * (spec.seq_len + 1)  # tokens a step packs, at most
-    docs = mixture_docs(r, tok, spec.steps * row, r.pretrain_retrieval_tokens, seed)
-    if r.late_mixture is None:
-        return docs
-    if not 0 < r.late_from < spec.steps:
-        raise ValueError(f"late_from must be a pre-training step in 1..{spec.steps - 1}, got {r.late_from}")
-    packer = Packer(docs, spec.batch_size, spec.seq_len, split_docs=not r.whole_docs)  # where step late_from starts
-    for _ in range(r.late_from):
-        packer.next_batch()
-    cut = packer.doc_index + (packer.offset > 0)  # a document cut there is finished before the late ones
-    late = mixture_docs(r, tok, (spec.steps - r.late_from + 1) * row, r.pretrain_retrieval_tokens, seed + LATE_SEED,
-                        r.late_mixture)
-    return docs[:cut] + late
 
 
 def long_lengths(r: Recipe, spec) -> tuple[int, int]:
@@ -145,7 +107,7 @@ def sft_examples(r: Recipe, tok, seed: int) -> list:
     return out
 
 
-# -- stages -------------------------------------------------------------------------------------------------------
+# -- the run directory --------------------------------------------------------------------------------------------
 AUTOCASTS = ("auto", "bf16", "none")
 
 
@@ -162,7 +124,7 @@ def platform_warning(r: Recipe, device: str, autocast: str) -> str | None:
     if r.name == FULL.name and autocast == "none" and autocast_for(device) == "none":
         return ("this CPU has no fast bf16 (neither AMX nor AVX512-BF16): the speedrun trains in fp32, about twice as "
                 "slowly as in bf16 (on 2 AVX2 cores about an hour, not 30 minutes: 58-69 minutes at 2 threads), and "
-                "trains another model than the shipped one, which was trained in bf16 (README)")
+                "trains another model than the shipped one, which was trained in bf16")
     return None
 
 
@@ -174,13 +136,13 @@ def base_config(r: Recipe, tok):
                        pad_token_id=eos[0])
 
 
-class Run:
-    """One speedrun directory: where each stage writes, which stages finished, the progress display."""
+class SpeedrunState:
+    """One speedrun directory: where each stage writes, which stages finished, how long each took (speedrun.json)."""
 
-    def __init__(self, out: Path, recipe: Recipe, device: str, progress, autocast: str = "auto"):
+    def __init__(self, out: Path, recipe: Recipe, device: str, autocast: str = "auto"):
         if autocast not in AUTOCASTS:
             raise ValueError(f"autocast must be one of {AUTOCASTS}, got {autocast!r}")
-        self.out, self.r, self.device, self.progress = out, recipe, device, progress
+        self.out, self.r, self.device = out, recipe, device
         self.autocast = autocast_for(device) if autocast == "auto" else autocast
         self.timings: dict[str, float] = {}
         self.gflops: dict[str, float] = {}  # the machine's fp32 matmul speed as each stage started
@@ -243,42 +205,40 @@ def matmul_gflops(n: int = 512, repeats: int = 9) -> float:
     return round(2 * n**3 / sorted(times)[repeats // 2] / 1e9, 1)
 
 
-def stage_tokenizer(run: Run) -> dict:
+# -- stages: fn(run, its name, on_step) -> what its done.json records; a training stage calls on_step(record) ------
+def stage_tokenizer(run: SpeedrunState, name: str, on_step) -> dict:
     from ..tokenizer_train import train_bpe_tokenizer
 
     out = train_bpe_tokenizer(tokenizer_corpus(run.r), run.r.vocab_size, run.out / "tokenizer")
     return {"dir": str(out), "vocab_size": len(run.tokenizer())}
 
 
-def stage_train(run: Run, name: str, on_step) -> dict:
+def stage_train(run: SpeedrunState, name: str, on_step) -> dict:
     from ..train.loop import TrainConfig, train
     from ..train.sft import ChatDocs
 
     r, tok = run.r, run.tokenizer()
     spec = getattr(r, name)
-    prev = TRAIN_STAGES[TRAIN_STAGES.index(name) - 1] if name != "pretrain" else None
-    if prev is None:
+    index = TRAIN_STAGES.index(name)
+    if index == 0:  # random weights of the recipe's size
         cfg_path = run.out / "model_config.json"
         cfg_path.write_text(json.dumps(base_config(r, tok).to_hf(), indent=2) + "\n")
         model_from = str(cfg_path)
-    else:
-        model_from = str(run.last_model(prev))
-    tokens = spec.steps * spec.batch_size * (spec.seq_len + 1)
-    seed = r.seed + TRAIN_STAGES.index(name)
-    if name == "pretrain":
-        source = pretrain_docs(r, tok, seed)
-    elif name == "sft":
+    else:  # the previous stage's weights
+        model_from = str(run.last_model(TRAIN_STAGES[index - 1]))
+    seed = r.seed + index
+    if name == "sft":
         source = ChatDocs(sft_examples(r, tok, seed), tok)
     else:
-        source = mixture_docs(r, tok, tokens, long_lengths(r, spec), seed)
-    stage = r.sft_stage if name == "sft" else TRAIN_AS.get(name, name)
-    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=stage,
+        tokens = spec.steps * spec.batch_size * (spec.seq_len + 1)  # what the stage packs, at most
+        lengths = r.pretrain_retrieval_tokens if name == "pretrain" else long_lengths(r, spec)
+        source = mixture_docs(r, tok, tokens, lengths, seed)
+    cfg = TrainConfig(model=model_from, out_dir=str(run.out / name), stage=TRAIN_AS[name],
                       seq_len=spec.seq_len, batch_size=spec.batch_size, steps=spec.steps, lr=spec.lr,
                       warmup_steps=spec.warmup_steps, schedule=spec.schedule, optimizer=spec.optimizer, mtp_depth=1,
-                      mtp_from=spec.mtp_from,
                       device=run.device, autocast=run.autocast, seed=seed,
                       save_every=max(10, spec.steps // 4), keep_last=1,
-                      resume="auto", progress=False, plots=True, recall_every=10, split_docs=not r.whole_docs)
+                      resume="auto", progress=False, plots=True, recall_every=10)
     rec = train(cfg, source, on_step)
     if not rec:  # killed after the last checkpoint, before done.json: the run had nothing left to do
         from ..train.plots import read_metrics
@@ -297,9 +257,9 @@ def copy_probe(model_dir: str | Path, tok, n: int = 24) -> float:
     indexer is untrained). Whether pre-training learns this is decided by chance at this budget, and every chat
     family needs it (a tool result, a needle's code, operands into column steps): ~0.4 after a pre-training that
     copies and 2.2 after one that does not, against ~2.3 for the same number where the tool first states it."""
-    from ..api import load_model
     from ..data import examples
     from ..eval.run import attention_mode
+    from ..loader import load_model
     from ..train.sft import chat_doc
 
     model = load_model(model_dir, dtype=torch.float32).eval()
@@ -323,11 +283,11 @@ def fact_probe(model_dir: str | Path, tok, stride: int = 1, batch: int = 128) ->
     ("Zenand was founded in 1879."): the mean NLL per token of the value after its statement ("Zenand was founded
     in"), and the share of facts whose value the model completes greedily (every value token the argmax). Dense
     attention, right-padded batches (causal: padding never reaches an earlier position). The shipped pre-training
-    reads 0.17 / 91%; seed 1's, when its encyclopedia described another world (fixed in session 9), 1.91 / 6%."""
-    from ..api import load_model
+    reads 0.17 / 91%; a pre-training whose encyclopedia described another world than the questions' 1.91 / 6%."""
     from ..data import world
     from ..data.world import STATEMENTS
     from ..eval.run import attention_mode
+    from ..loader import load_model
 
     model = load_model(model_dir, dtype=torch.float32).eval()
     items = []
@@ -351,8 +311,8 @@ def fact_probe(model_dir: str | Path, tok, stride: int = 1, batch: int = 128) ->
     return {"fact_nll": round(total / max(count, 1), 3), "fact_recall": round(recalled / max(len(items), 1), 3)}
 
 
-def stage_export(run: Run) -> dict:
-    from ..api import load_model
+def stage_export(run: SpeedrunState, name: str, on_step) -> dict:
+    from ..loader import load_model
     from ..weights import save_checkpoint
 
     dst = run.out / "model"
@@ -362,7 +322,7 @@ def stage_export(run: Run) -> dict:
     save_checkpoint(model, tmp, dtype=torch.bfloat16)  # the release format: BF16 safetensors + config.json
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(run.out / "tokenizer" / f, tmp / f)
-    # greedy by default, as it is evaluated: a 7M model sampled at temperature 1 slips digits (glm5.server.launch)
+    # greedy by default, as it is evaluated: a 7M model sampled at temperature 1 slips digits
     gen = {"do_sample": False, "eos_token_id": run.tokenizer().eos_ids, "pad_token_id": model.config.pad_token_id}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.rmtree(dst, ignore_errors=True)
@@ -371,9 +331,9 @@ def stage_export(run: Run) -> dict:
     return {"dir": str(dst), "bytes": size, "params": sum(p.numel() for p in model.parameters())}
 
 
-def stage_eval(run: Run) -> dict:
-    from ..api import load_model
+def stage_eval(run: SpeedrunState, name: str, on_step) -> dict:
     from ..eval import evaluate, format_table
+    from ..loader import load_model
     from ..tokenizer import Tokenizer
 
     r = run.r
@@ -387,10 +347,21 @@ def stage_eval(run: Run) -> dict:
     return {"json": str(run.out / "eval" / "eval.json")}
 
 
-def stage_report(run: Run) -> dict:
-    from .report import write_report
+def stage_report(run: SpeedrunState, name: str, on_step) -> dict:
+    return {"report": str(write_report(run.out, STAGES))}
 
-    return {"report": str(write_report(run.out))}
+
+STAGES = {  # the speedrun, in the order it runs
+    "tokenizer": stage_tokenizer,
+    "pretrain": stage_train,
+    "dsa_warmup": stage_train,
+    "sparse": stage_train,
+    "sft": stage_train,
+    "dsa_align": stage_train,
+    "export": stage_export,
+    "eval": stage_eval,  # of the exported files, as shipped
+    "report": stage_report,
+}
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -412,10 +383,10 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
     bf16 matmuls are fast, else fp32: `autocast_for`), "bf16" or "none" (fp32)."""
     r = RECIPES[recipe] if isinstance(recipe, str) else recipe
     if stop_after is not None and stop_after not in STAGES:
-        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+        raise ValueError(f"stop_after must be one of {', '.join(STAGES)}, got {stop_after!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(out, r, device, progress, autocast)
+    run = SpeedrunState(out, r, device, autocast)
     run.save_state()
     if warning := platform_warning(r, device, run.autocast):
         log.warning("%s", warning)
@@ -429,7 +400,7 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
         overall = bar.add_task(f"speedrun ({r.name})", total=total, info="")
         done_w = sum(weights[s] for s in STAGES if run.done(s))
         bar.update(overall, completed=done_w)
-        for stage in STAGES:
+        for stage, fn in STAGES.items():
             if run.done(stage):
                 log.info("%s: done earlier, skipped", stage)
                 if stage == stop_after:
@@ -438,17 +409,14 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
             run.gflops[stage] = matmul_gflops()
             t0 = time.perf_counter()
             task = bar.add_task(f"  {stage}", total=1.0, info="")
-            if stage in TRAIN_STAGES:
+
+            def on_step(rec, task=task, stage=stage):  # a training stage's progress
                 steps = getattr(r, stage).steps
+                frac = rec["step"] / steps
+                bar.update(task, completed=frac, info=f"step {rec['step']}/{steps} loss {rec['loss']:.3f}")
+                bar.update(overall, completed=done_w + weights[stage] * frac)
 
-                def on_step(rec, task=task, stage=stage, steps=steps):
-                    frac = rec["step"] / steps
-                    bar.update(task, completed=frac, info=f"step {rec['step']}/{steps} loss {rec['loss']:.3f}")
-                    bar.update(overall, completed=done_w + weights[stage] * frac)
-
-                info = stage_train(run, stage, on_step)
-            else:
-                info = globals()[f"stage_{stage}"](run)
+            info = fn(run, stage, on_step)
             dt = time.perf_counter() - t0
             run.finish(stage, info, dt)
             done_w += weights[stage]
@@ -463,12 +431,10 @@ def run_speedrun(out_dir: str | Path = "runs/speedrun", recipe: str | Recipe = "
 def ship(out_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Install a finished speedrun as the package's default model (glm5/assets/model/): the exported checkpoint,
     its eval (without the per-example records) and the report with its plots. Replaces what was there."""
-    import os
-
-    from ..server.launch import ASSET_MODEL_DIR
+    from ..loader import SHIPPED_MODEL_DIR
 
     out = Path(out_dir)
-    dest = Path(dest) if dest is not None else ASSET_MODEL_DIR
+    dest = Path(dest) if dest is not None else SHIPPED_MODEL_DIR
     old = dest.with_name(dest.name + ".old")
     if old.is_dir() and not dest.exists():  # a ship killed between its two renames: the old model is still whole
         os.replace(old, dest)

@@ -10,6 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 
+# The training stages in the order they run, each a Stage of the Recipe, and the loss each trains with (glm5.train's
+# stages): dsa_align is the warm-up's indexer-only KL again, after the SFT, so that the indexers pick the keys the
+# SFT'd model attends to. The SFT trains with dense attention (GLM-5's trains sparse): a dense step at 1152 tokens
+# costs half a sparse one and the short chats lose nothing, their keys all fit top-k (dev/LOG.md).
+TRAIN_STAGES = ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align")
+TRAIN_AS = {"pretrain": "pretrain", "dsa_warmup": "dsa_warmup", "sparse": "sparse", "sft": "pretrain",
+            "dsa_align": "dsa_warmup"}
+
+
+def indexer_only(stage: str) -> bool:
+    """Does this stage train the indexers alone (the warm-up's loss: cheaper steps, an indexer-KL curve)?"""
+    return TRAIN_AS[stage] == "dsa_warmup"
+
+
 @dataclass
 class Stage:
     steps: int
@@ -18,12 +32,10 @@ class Stage:
     lr: float
     warmup_steps: int = 10
     schedule: str = "cosine"
-    # glm5.train.optim's "adamw" or "muon". FULL pre-trains with Muon: in fp32 on an AVX2 CPU, 2 of 2 Muon
-    # pre-trainings learned to copy from the context by step 675 and recalled 99% of the world's facts, where 0 of 5
-    # AdamW ones copied there (dev/LOG.md, session 12); in bf16 autocast on an AVX512-BF16 CPU 2 of 2 copied too
-    # (session 19). The later stages fine-tune with AdamW.
+    # glm5.train.optim's "adamw" or "muon". FULL pre-trains with Muon: 2 of 2 Muon pre-trainings learned to copy from
+    # the context by step 675 (in fp32 and in bf16 autocast), 0 of 5 AdamW ones did (dev/LOG.md). The later stages
+    # fine-tune with AdamW.
     optimizer: str = "adamw"
-    mtp_from: int = 0  # the MTP loss from this step on (glm5.train.loop.TrainConfig.mtp_from)
 
 
 @dataclass
@@ -37,37 +49,27 @@ class Recipe:
     sft: Stage
     # After the SFT, the indexers alone learn the SFT'd model's attention again (the warm-up's loss): the SFT trains
     # with dense attention and moves it. Without this, two Muon runs retrieved at 1K tokens with sparse attention
-    # 59% / 82% against dense 89% / 95%; after 40 steps (~1 minute) 95% / 90% (dev/LOG.md, session 12).
+    # 59% / 82% against dense 89% / 95%; after 40 steps (~1 minute) 95% / 90% (dev/LOG.md).
     dsa_align: Stage
     # pre-training / sparse-stage token mixture (fractions); rendered chats are trained on every token there
-    # ("copy": glm5.data.copy_texts drills, 0 here: 15% of them taught copying inside the drills only; dev/LOG.md)
     mixture: dict = field(default_factory=lambda: {
         "natural": 0.10, "encyclopedia": 0.22, "arithmetic": 0.25, "world": 0.13, "unknown": 0.07, "tool": 0.10,
         "chat": 0.03, "retrieval": 0.10})
-    # The last pre-training steps, from step late_from on, draw from late_mixture instead (None: one mixture).
-    late_mixture: dict | None = None
-    late_from: int = 0
     pretrain_retrieval_tokens: tuple[int, int] = (200, 450)  # short contexts while rows are short
     long_retrieval_tokens: tuple[int, int] = (512, 4096)  # the sparse stage and SFT (capped by their rows)
     # SFT conversations per family (~1.04M tokens: ~2.3 epochs at FULL's SFT stage). Distinct problems beat repeats:
-    # 6000 arithmetic chats instead of 2400 at equal steps took run 9's arithmetic from 62% to 82% (run 16); 9000 did
-    # no better; more world/unknown/chat chats besides (and 20 fewer steps) took it back to 62% (run 15; dev/LOG.md).
-    # 480 retrieval chats instead of 240 (same trunk, same steps): retrieval at 1K 71 / 60% -> 93 / 92% (session 14).
+    # 6000 arithmetic chats instead of 2400 at equal steps took arithmetic from 62% to 82%, 9000 did no better; 480
+    # retrieval chats instead of 240 took retrieval at 1K from 71 / 60% to 93 / 92% (sparse / dense; dev/LOG.md).
     sft_chats: dict = field(default_factory=lambda: {
         "arithmetic": 6000, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 480})
     eval_n: int = 100  # held-out examples per family but retrieval
     # Retrieval examples per context length (split over depths 0.1 / 0.5 / 0.9). At the longest trained length
     # (1024) the eval compares sparse with dense, and "within 5 points" needs a few hundred: the paired 95% interval
-    # of the difference is about +-5 points at 300 (+-16 at the 33 it used to get). Past it, a look at extrapolation:
-    # 5 per depth (11 per depth cost ~100 s more of the eval, mostly prefill at 4K, for cells near 0%; session 19).
+    # of the difference is about +-5 points at 300 (+-16 at 33). Past it, a look at extrapolation: 5 per depth (11
+    # per depth cost ~100 s more of the eval, mostly prefill at 4K, for cells near 0%).
     eval_retrieval: dict = field(default_factory=lambda: {1024: 300, 2048: 15, 4096: 15})
     eval_max_tokens: int = 256
     index_topk: int = 128  # <= 1/8 of every evaluated retrieval context
-    whole_docs: bool = False  # True: pack documents whole where they fit a row (padding the rest; see dev/LOG.md)
-    # The loss of the SFT stage: "sparse" (GLM-5's) or "pretrain" (dense attention). Dense, because a dense step at
-    # 1152 tokens costs half a sparse one and the short chats lose nothing (their keys all fit top-k): 2.2x the SFT
-    # steps in the same time took run 2's model from 34% to 62% arithmetic, and retrieval from 0% to 19% (dev/LOG.md).
-    sft_stage: str = "pretrain"
     seed: int = 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pipeline import STAGES, TRAIN_STAGES, indexer_only
+from .recipe import TRAIN_STAGES, indexer_only
 
 
 def plot_losses(out: Path) -> Path | None:
@@ -71,7 +71,7 @@ def plot_eval(out: Path, result: dict) -> Path | None:
 
 
 def targets(result: dict, longest_trained: int) -> list[tuple[str, str, str, bool]]:
-    """The issue's targets for the shipped model against an eval result: (what, target, measured, met)."""
+    """The shipped model's targets against an eval result: (what, target, measured, met)."""
     suites, rows = result["suites"], []
 
     def pct(x):
@@ -132,7 +132,8 @@ def phrasing_table(result: dict) -> str | None:
     return "\n".join(lines)
 
 
-def write_report(out: str | Path) -> Path:
+def write_report(out: str | Path, stages) -> Path:
+    """report.md in a speedrun directory; `stages`: the names of its stages, in the order they ran."""
     out = Path(out)
     state = json.loads((out / "speedrun.json").read_text())
     timings = state.get("timings", {})
@@ -142,7 +143,7 @@ def write_report(out: str | Path) -> Path:
              "Reproduce: `glm5 speedrun --recipe " + state["recipe"] + " --out-dir DIR`", "",
              "| stage | seconds | machine at its start (fp32 matmul GFLOP/s) | result |", "|---|---:|---:|---|"]
     gflops = state.get("matmul_gflops", {})
-    for stage in STAGES:
+    for stage in stages:
         done = out / stage / "done.json"
         info = json.loads(done.read_text()) if done.is_file() else {}
         summary = ""
@@ -162,7 +163,7 @@ def write_report(out: str | Path) -> Path:
     if ev.is_file():
         result = json.loads(ev.read_text())
         longest = state["longest_trained_retrieval"]
-        lines += ["## Targets (issue 5)", "", f"Longest trained retrieval context: {longest} tokens.", "",
+        lines += ["## Targets", "", f"Longest trained retrieval context: {longest} tokens.", "",
                   targets_table(result, longest), "",
                   "## Held-out evaluation", "", (out / "eval" / "table.md").read_text(), ""]
         if (p := plot_eval(out, result)) is not None:

@@ -75,6 +75,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def sft_source(cfg: TrainConfig, tokenizer_dir: str | None):
+    from ..config import resolve_config
     from ..tokenizer import Tokenizer
     from .sft import ChatDocs
 
@@ -87,8 +88,6 @@ def sft_source(cfg: TrainConfig, tokenizer_dir: str | None):
         tok = Tokenizer.from_dir(model_dir)
     else:
         tok = Tokenizer.default()
-    from ..config import resolve_config
-
     vocab = resolve_config(cfg.model).vocab_size
     if len(tok) != vocab:
         raise ValueError(f"tokenizer {tok.source} has {len(tok)} tokens but the model {cfg.model} has vocab_size "
@@ -114,10 +113,12 @@ def cmd_train(args) -> int:
     from .loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sft = getattr(args, "sft", False)
+    command = "glm5 sft" if sft else "glm5 train"
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError) as e:
-        print(f"glm5 train: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
@@ -132,13 +133,13 @@ def cmd_train(args) -> int:
             cfg.progress = False
             logging.getLogger().setLevel(logging.WARNING)
     try:
-        source = sft_source(cfg, args.tokenizer) if getattr(args, "sft", False) else None
+        source = sft_source(cfg, args.tokenizer) if sft else None
         rec = train(cfg, source)
         if (not dist.is_initialized() or dist.get_rank() == 0) and rec:
-            print(f"glm5 {'sft' if getattr(args, 'sft', False) else 'train'}: step {rec['step']} loss {rec['loss']:.4f} -> {cfg.out_dir}")
+            print(f"{command}: step {rec['step']} loss {rec['loss']:.4f} -> {cfg.out_dir}")
         return 0
     except (CheckpointError, DataError, ValueError, OSError) as e:
-        print(f"glm5 {'sft' if getattr(args, 'sft', False) else 'train'}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

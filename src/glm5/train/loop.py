@@ -26,13 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .. import Impl, load_model
+from ..loader import load_model
+from ..model import Impl
 from ..weights import CheckpointError
 from . import checkpoint as ckpt
 from .balance import all_reduce_loads, imbalance, update_bias
 from .data import JsonlDocs, Packer, SyntheticDocs
 from .losses import STAGES, ForwardLoss, loss_denominators
-from .optim import SCHEDULES, build_optimizer, lr_factor, set_lr
+from .optim import SCHEDULES, Optimizers, build_optimizer, lr_factor, set_lr
 
 log = logging.getLogger("glm5.train")
 
@@ -62,7 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     mtp_depth: int = 1  # MTP depths sharing the one MTP layer (GLM-5: 3); 0 = no MTP loss
     # The MTP loss from this step on (0: every step). Before it the MTP layer stays out of the forward; it and its
-    # head are a third of a step of the speedrun's model (dev/LOG.md, session 15). Single process only.
+    # head are a third of a step of the speedrun's model (dev/LOG.md). Single process only.
     mtp_from: int = 0
     mtp_weight: float = 0.3
     balance_weight: float = 1e-4  # sequence-wise balance loss weight (DeepSeek-V3: "extremely small")
@@ -111,7 +112,8 @@ def dist_info() -> tuple[int, int]:
 
 
 def set_stage(model, stage: str, mtp_depth: int) -> None:
-    """Which parameters train, and dense or sparse attention, per stage (GLM5.md §3)."""
+    """Which parameters train, and dense or sparse attention, per stage: pretrain trains all but the indexers with
+    dense attention; dsa_warmup the indexers alone (their KL to the dense attention); sparse everything, with DSA."""
     for name, p in model.named_parameters():
         indexer = ".indexer." in name
         train = {"pretrain": not indexer, "dsa_warmup": indexer, "sparse": True}[stage]
@@ -219,19 +221,64 @@ def train(cfg: TrainConfig, source=None, on_step=None) -> dict:
     (e.g. a caller's own progress display). Returns the last step's metrics."""
     rank, world = dist_info()
     cfg.validate(world)
+    t = set_up(cfg, source, rank, world)
+    steplog = StepLog(cfg, t, on_step)
+    record: dict = {}
+    saved = t.start
+    for step in range(t.start, cfg.steps):
+        t0 = time.perf_counter()
+        batch = t.packer.next_batch()
+        if batch is None:
+            log.warning("data ran out after %d steps", step)
+            break
+        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
+        totals, grad_norm, loads = train_step(cfg, t, batch, step, lr)
+        record = step_record(cfg, step, lr, totals, grad_norm, loads, time.perf_counter() - t0)
+        steplog.write(record)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            saved = save(cfg, t, step + 1)
+    if record and record["step"] > saved:  # the end of the run (or of the data) is always saved
+        save(cfg, t, record["step"])
+    steplog.close()
+    return record
+
+
+@dataclass
+class Training:
+    """What the loop works on, from `set_up`."""
+    rank: int
+    world: int
+    device: torch.device
+    out: Path  # cfg.out_dir
+    model: torch.nn.Module  # the GLM5 being trained
+    net: torch.nn.Module  # its ForwardLoss, wrapped in DDP / FSDP2 with more than one process
+    fsdp: bool
+    params: list[torch.nn.Parameter]  # the ones this stage trains (gradient clipping)
+    opt: Optimizers
+    packer: Packer
+    start: int  # the first step to run: 0, or the resumed checkpoint's step
+    resumed_from: Path | None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def set_up(cfg: TrainConfig, source, rank: int, world: int) -> Training:
+    """The run directory, the model (the resumed checkpoint's weights, verified first, or cfg.model: a preset is
+    seeded by cfg.seed), its loss module and optimizer, the data, and on resume their saved state."""
     device = torch.device(cfg.device)
-    run = Path(cfg.out_dir)
-    ckpt_root = run / "checkpoints"
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
     resume_from = ckpt.resolve(cfg.resume, ckpt_root)
     if not cfg.resume and ckpt.list_checkpoints(ckpt_root):
         raise ValueError(f"{ckpt_root} already holds checkpoints: pass --resume auto to continue that run, or "
                          "choose another --out-dir")
     if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         for name in ckpt.clean_stale(ckpt_root):
             log.warning("removed %s/%s, left by a save that did not finish", ckpt_root, name)
 
-    # Model: the resumed checkpoint's weights (verified first), or cfg.model (a preset is seeded by cfg.seed).
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     state = None
@@ -260,129 +307,148 @@ def train(cfg: TrainConfig, source=None, on_step=None) -> dict:
         ckpt.set_rng_state(state["rng"][rank % len(state["rng"])])
         if rank == 0:
             log.info("resumed from %s at step %d", resume_from, start)
-
-    metrics_f = (run / "metrics.jsonl").open("a") if rank == 0 else None
-    if metrics_f and state is not None:
-        metrics_f.write(json.dumps({"event": "resume", "step": start, "from": str(resume_from)}) + "\n")
-    bar = None
-    if rank == 0 and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
-    rows_per_rank = cfg.batch_size // world
-    micro = cfg.micro_batch or rows_per_rank
-    n_micro = rows_per_rank // micro
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
-    record: dict = {}
-    saved = start
+    return Training(rank, world, device, out, model, net, fsdp, params, opt, packer, start, resume_from)
 
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        batch = packer.next_batch()
-        if batch is None:
-            log.warning("data ran out after %d steps", step)
-            break
-        lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
-        set_lr(opt, lr)
-        depth = cfg.mtp_depth if step >= cfg.mtp_from else 0
-        if cfg.mtp_from:  # one process (validate): net is the ForwardLoss itself
-            net.mtp_depth = depth
-        den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, depth, batch.loss_BT1)
-        mine = batch.rows(rank * rows_per_rank, (rank + 1) * rows_per_rank).to(device)
 
-        sums: dict[str, torch.Tensor] = {}
-        loads: dict[int, torch.Tensor] = {}
-        for i in range(n_micro):
-            mb = mine.rows(i * micro, (i + 1) * micro)
-            last = i == n_micro - 1
-            if fsdp:
-                net.set_requires_gradient_sync(last)
-            sync = net.no_sync() if (world > 1 and not fsdp and not last) else contextlib.nullcontext()
-            with sync:
-                with amp:
-                    total, losses, stats = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, mb.loss_BT1)
-                # DDP / FSDP average gradients over ranks; the losses are already global means: undo the average.
-                (total * world).backward()
-            for k, v in {"loss": total, **losses}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            if "recall_sum" in stats:
-                sums["recall_sum"] = sums.get("recall_sum", 0.0) + stats["recall_sum"]
-                sums["recall_n"] = sums.get("recall_n", 0.0) + torch.tensor(float(stats["recall_n"]))
-            for layer, load in stats["loads"].items():
-                loads[layer] = loads[layer] + load if layer in loads else load
+def train_step(cfg: TrainConfig, t: Training, batch, step: int, lr: float) -> tuple[dict, float, dict]:
+    """One optimizer step on the global batch: this rank's rows in micro-batches (forward + backward), gradient clip,
+    optimizer step, MoE bias update, the sparse stage's recall probe. Returns the loss and statistic sums over all
+    ranks, the gradient norm and the expert loads per layer."""
+    set_lr(t.opt, lr)
+    depth = cfg.mtp_depth if step >= cfg.mtp_from else 0
+    if cfg.mtp_from:  # one process (validate): net is the ForwardLoss itself
+        t.net.mtp_depth = depth
+    den = loss_denominators(batch.tokens_BT1, batch.doc_BT1, depth, batch.loss_BT1)
+    rows_per_rank = cfg.batch_size // t.world
+    mine = batch.rows(t.rank * rows_per_rank, (t.rank + 1) * rows_per_rank).to(t.device)
+    micro = cfg.micro_batch or rows_per_rank
+    sums, loads = forward_backward(cfg, t, mine, den, micro)
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loads = all_reduce_loads(loads)
-        if cfg.stage != "dsa_warmup":  # the warm-up trains the indexers and nothing else
-            update_bias(model, loads, cfg.bias_speed)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    t.opt.step()
+    t.opt.zero_grad(set_to_none=True)
+    loads = all_reduce_loads(loads)
+    if cfg.stage != "dsa_warmup":  # the warm-up trains the indexers and nothing else
+        update_bias(t.model, loads, cfg.bias_speed)
 
-        if cfg.stage == "sparse" and cfg.recall_every and (step + 1) % cfg.recall_every == 0:
-            mb = mine.rows(0, micro)
-            with torch.no_grad():  # outside the wrapper too: DDP must not expect a backward for this forward
-                s, n = net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, None, probe_recall=True)
-            sums["recall_sum"], sums["recall_n"] = s, torch.tensor(float(n))
-        keys = sorted(sums)
-        vec = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).reshape(()) for k in keys]),
-                             world)
-        tot = dict(zip(keys, vec.tolist()))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        dt = time.perf_counter() - t0
+    if cfg.stage == "sparse" and cfg.recall_every and (step + 1) % cfg.recall_every == 0:
+        mb = mine.rows(0, micro)
+        with torch.no_grad():  # outside the wrapper too: DDP must not expect a backward for this forward
+            s, n = t.net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, None, probe_recall=True)
+        sums["recall_sum"], sums["recall_n"] = s, torch.tensor(float(n))
+    keys = sorted(sums)
+    vec = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).reshape(()) for k in keys]),
+                         t.world)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    return dict(zip(keys, vec.tolist())), float(grad_norm), loads
 
-        record = {"step": step + 1, "stage": cfg.stage, "lr": lr, "loss": tot["loss"], "grad_norm": float(grad_norm),
-                  "tokens": (step + 1) * tokens_per_step, "tok_per_s": tokens_per_step / dt, "step_s": dt}
-        for k in ("lm", "mtp", "balance", "indexer_kl"):
-            if k in tot:
-                record[k] = tot[k]
-        if tot.get("recall_n", 0) > 0:
-            record["recall"] = tot["recall_sum"] / tot["recall_n"]
-        if loads:
-            record["imbalance"] = {str(k): imbalance(v) for k, v in sorted(loads.items())}
-            if (step + 1) % max(1, cfg.log_every) == 0:  # full per-expert fractions: E floats per layer, not every step
-                record["expert_load"] = {str(k): (v / v.sum()).tolist() for k, v in sorted(loads.items())}
-        if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
-            raise FloatingPointError(f"step {step + 1}: loss {record['loss']}, grad norm {record['grad_norm']}")
-        if metrics_f:
-            metrics_f.write(json.dumps(record) + "\n")
-            metrics_f.flush()
-        if on_step is not None and rank == 0:
-            on_step(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_per_s']:.0f}")
-            bar.update(1)
-        elif rank == 0 and (step + 1) % max(1, cfg.log_every) == 0:
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step + 1, cfg.steps, record["loss"], lr,
-                     record["tok_per_s"])
 
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            saved = save(cfg, model, opt, packer, step + 1, world, rank, fsdp, ckpt_root)
+def forward_backward(cfg: TrainConfig, t: Training, mine, den: dict, micro: int) -> tuple[dict, dict]:
+    """Forward + backward over this rank's rows, `micro` rows at a time, gradients synced after the last one.
+    Returns this rank's loss and statistic sums and its expert loads per layer."""
+    n_micro = cfg.batch_size // t.world // micro
+    amp = torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+    sums: dict[str, torch.Tensor] = {}
+    loads: dict[int, torch.Tensor] = {}
+    for i in range(n_micro):
+        mb = mine.rows(i * micro, (i + 1) * micro)
+        last = i == n_micro - 1
+        if t.fsdp:
+            t.net.set_requires_gradient_sync(last)
+        sync = t.net.no_sync() if (t.world > 1 and not t.fsdp and not last) else contextlib.nullcontext()
+        with sync:
+            with amp:
+                total, losses, stats = t.net(mb.tokens_BT1, mb.doc_BT1, mb.pos_BT1, den, mb.loss_BT1)
+            # DDP / FSDP average gradients over ranks; the losses are already global means: undo the average.
+            (total * t.world).backward()
+        for k, v in {"loss": total, **losses}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        if "recall_sum" in stats:
+            sums["recall_sum"] = sums.get("recall_sum", 0.0) + stats["recall_sum"]
+            sums["recall_n"] = sums.get("recall_n", 0.0) + torch.tensor(float(stats["recall_n"]))
+        for layer, load in stats["loads"].items():
+            loads[layer] = loads[layer] + load if layer in loads else load
+    return sums, loads
 
-    if record and record["step"] > saved:  # the end of the run (or of the data) is always saved
-        save(cfg, model, opt, packer, record["step"], world, rank, fsdp, ckpt_root)
-    if bar is not None:
-        bar.close()
-    if metrics_f:
-        metrics_f.close()
+
+# -- logging ----------------------------------------------------------------------------------------------------------
+def step_record(cfg: TrainConfig, step: int, lr: float, totals: dict, grad_norm: float, loads: dict,
+                seconds: float) -> dict:
+    """One line of metrics.jsonl; raises FloatingPointError on a non-finite loss or gradient norm."""
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    record = {"step": step + 1, "stage": cfg.stage, "lr": lr, "loss": totals["loss"], "grad_norm": grad_norm,
+              "tokens": (step + 1) * tokens_per_step, "tok_per_s": tokens_per_step / seconds, "step_s": seconds}
+    for k in ("lm", "mtp", "balance", "indexer_kl"):
+        if k in totals:
+            record[k] = totals[k]
+    if totals.get("recall_n", 0) > 0:
+        record["recall"] = totals["recall_sum"] / totals["recall_n"]
+    if loads:
+        record["imbalance"] = {str(k): imbalance(v) for k, v in sorted(loads.items())}
+        if (step + 1) % max(1, cfg.log_every) == 0:  # full per-expert fractions: E floats per layer, not every step
+            record["expert_load"] = {str(k): (v / v.sum()).tolist() for k, v in sorted(loads.items())}
+    if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+        raise FloatingPointError(f"step {step + 1}: loss {record['loss']}, grad norm {record['grad_norm']}")
     return record
 
 
-def save(cfg: TrainConfig, model, opt, packer, step: int, world: int, rank: int, fsdp: bool, root: Path) -> int:
+class StepLog:
+    """Where each step's record goes, on rank 0: metrics.jsonl, the caller's on_step, and the progress bar or (with
+    it off) a log line every cfg.log_every steps. Other ranks write nothing."""
+
+    def __init__(self, cfg: TrainConfig, t: Training, on_step=None):
+        self.cfg, self.on_step = cfg, on_step
+        self.metrics = self.bar = None
+        self.active = t.rank == 0
+        if not self.active:
+            return
+        self.metrics = (t.out / "metrics.jsonl").open("a")
+        if t.resumed_from is not None:
+            self.metrics.write(json.dumps({"event": "resume", "step": t.start, "from": str(t.resumed_from)}) + "\n")
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=t.start, desc=f"train {cfg.stage}", unit="step",
+                            dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.on_step is not None:
+            self.on_step(record)
+        step, lr = record["step"], record["lr"]
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tok_per_s']:.0f}")
+            self.bar.update(1)
+        elif step % max(1, self.cfg.log_every) == 0:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, self.cfg.steps, record["loss"], lr,
+                     record["tok_per_s"])
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------------
+def save(cfg: TrainConfig, t: Training, step: int) -> int:
     """Gather everything a resume needs (collectives on every rank), write it on rank 0, refresh the plots."""
-    osd = optimizer_state(model, opt, world)
-    full = full_model_state(model, fsdp)
-    rngs = gather_rng(world)
-    if rank == 0:
-        trainer_state = {"data": packer.state_dict(), "world_size": world, "config": dataclasses.asdict(cfg)}
-        ckpt.save(root, step, full, osd, rngs, trainer_state, cfg.keep_last)
+    osd = optimizer_state(t.model, t.opt, t.world)
+    full = full_model_state(t.model, t.fsdp)
+    rngs = gather_rng(t.world)
+    if t.rank == 0:
+        trainer_state = {"data": t.packer.state_dict(), "world_size": t.world, "config": dataclasses.asdict(cfg)}
+        ckpt.save(t.ckpt_root, step, full, osd, rngs, trainer_state, cfg.keep_last)
         if cfg.plots:
             from .plots import write_plots
 
-            write_plots(root.parent / "metrics.jsonl", root.parent)
-    if world > 1:
+            write_plots(t.out / "metrics.jsonl", t.out)
+    if t.world > 1:
         dist.barrier()  # no rank runs ahead (and could be killed) before the checkpoint exists
     return step
 
