@@ -7,8 +7,52 @@ import sys
 import time
 
 
-# serve / chat / generate, train / sft, quantize, speedrun, eval
-SUBCOMMAND_MODULES = ("glm5.server.cli", "glm5.train.cli", "glm5.quant.cli", "glm5.speedrun.cli", "glm5.eval.cli")
+# serve, chat / generate, train / sft, quantize, speedrun, eval, rl
+SUBCOMMAND_MODULES = ("glm5.server.cli", "glm5.client_cli", "glm5.train.cli", "glm5.quant.cli", "glm5.speedrun.cli",
+                      "glm5.eval.cli", "glm5.rl.cli")
+MIB = 1 << 20
+
+
+# -- flags shared by serve, chat and generate ----------------------------------------------------------------------
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
+def add_model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", default=None, help="checkpoint directory or preset (tiny, small; random weights). "
+                   "Default: the model shipped in the package, else the untrained 'small' preset")
+    s.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's, or the "
+                   "shipped tokenizer for presets)")
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    s.add_argument("--cache-mib", type=int, default=None, help="KV cache size in MiB (default: room for every "
+                   "admitted sequence at the model's full context, at most half the free memory on a CPU, 90%% on "
+                   "a GPU)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def load_model_args(args, quiet: bool = False):
+    """The model, tokenizer and sampling defaults --model / --tokenizer / --device / --threads name."""
+    import torch
+
+    from .loader import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load(args.model, tokenizer_dir=args.tokenizer, device=args.device)
+    if loaded.untrained or not quiet:
+        print(loaded.banner(), file=sys.stderr)
+    return loaded
+
+
+def cache_bytes_arg(args) -> int | None:
+    return None if args.cache_mib is None else args.cache_mib * MIB
 
 
 def cmd_inspect(args) -> int:

@@ -1,7 +1,8 @@
-"""The inference engine: token ids in, token ids out. `add_request` / `step` / `abort` / `update_weights`, and a
-synchronous `generate` on top. Knows nothing of HTTP, text or chat (stop strings need a `detokenize` callable).
+"""The inference engine: token ids in, token ids out. `add_request` / `step` / `abort` / `update_weights`, and on
+top `run_to_completion` (submit prompts, yield their outputs until they finish) and `generate` (collect them).
+Knows nothing of HTTP, text or chat (stop strings need a `detokenize` callable).
 
-    engine = Engine(model, cache_bytes=1 << 30)
+    engine = Engine(model)              # KV cache: max_num_seqs whole contexts, at most a share of the free memory
     rid = engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=16))
     while engine.has_unfinished():
         for out in engine.step(): ...   # StepOutput: new tokens of one sequence, logprobs, finished, reason
@@ -24,17 +25,16 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from .kv_cache import BlockManager, PagedKVCache, bytes_per_block
+from .kv_cache import BlockManager, PagedKVCache, bytes_per_block, default_num_blocks
 from .runner import ModelRunner
 from .sampler import SamplingParams, SeqSampling, make_generator, sample
 from .scheduler import FINISHED, RUNNING, Scheduler, Sequence
-
-DEFAULT_CACHE_BYTES = 1 << 30
 
 
 class RequestError(ValueError):
@@ -63,7 +63,7 @@ class StepOutput:
 
 
 @dataclass
-class Completion:
+class Generation:
     """One finished sample, as `generate` returns it."""
 
     index: int
@@ -77,7 +77,7 @@ class Completion:
 
 
 @dataclass
-class _Request:
+class _RequestState:
     request_id: str
     prompt: list[int]
     params: SamplingParams
@@ -102,12 +102,16 @@ class Engine:
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
         per_block = bytes_per_block(cfg, block_size, self.dtype)
-        if num_blocks is None:
-            cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        if num_blocks is not None:
+            self.cache_sizing = f"{num_blocks} blocks given"
+        elif cache_bytes is not None:
             num_blocks = cache_bytes // per_block
             if num_blocks < 1:
                 raise ValueError(f"cache_bytes={cache_bytes} holds no block: one block of {block_size} tokens "
                                  f"takes {per_block} bytes")
+            self.cache_sizing = f"{cache_bytes / (1 << 20):g} MiB given"
+        else:
+            num_blocks, self.cache_sizing = default_num_blocks(cfg, self.dtype, block_size, max_num_seqs, self.device)
         self.cache = PagedKVCache(cfg, num_blocks, block_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
@@ -119,7 +123,7 @@ class Engine:
         self._seeds = random.Random(seed)
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _RequestState] = {}
         self._pending: list[StepOutput] = []  # outputs made outside step() (aborts), returned by the next step()
         self.counters = {"prompt_tokens": 0, "computed_tokens": 0, "generation_tokens": 0, "steps": 0,
                          "finished_requests": 0, "aborted_requests": 0}
@@ -158,7 +162,7 @@ class Engine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
-        req = _Request(request_id, prompt, params, seed)
+        req = _RequestState(request_id, prompt, params, seed)
         self.requests[request_id] = req
         req.seqs[0] = self._new_seq(req, 0, max_tokens)
         if return_hidden:
@@ -167,7 +171,7 @@ class Engine:
         self.counters["prompt_tokens"] += len(prompt)
         return request_id
 
-    def _new_seq(self, req: _Request, index: int, max_tokens: int) -> Sequence:
+    def _new_seq(self, req: _RequestState, index: int, max_tokens: int) -> Sequence:
         p = req.params
         state = _SeqState(p, make_generator(req.seed + index, self.device), [] if p.ignore_eos else self.eos_token_ids,
                           max_tokens=max_tokens)
@@ -304,34 +308,21 @@ class Engine:
         return self.policy_version
 
     # -- offline use -----------------------------------------------------------------------------------------------
-    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
-        """Run prompts to completion; per prompt, its n completions. Needs an otherwise idle engine."""
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Generation]]:
+        """Run prompts to completion; per prompt, its n samples. Needs an otherwise idle engine."""
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine: other requests are in flight (use step())")
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        ids = []
-        try:
-            for p, sp in zip(prompts, plist):
-                ids.append(self.add_request(p, sp))
-        except Exception:
-            for rid in ids:
-                self.abort(rid)
-            self._pending.clear()
-            raise
-        results = {rid: {} for rid in ids}
-        while self.has_unfinished():
-            for o in self.step():
-                c = results[o.request_id].setdefault(o.index, Completion(o.index))
-                c.token_ids += o.new_token_ids
-                c.logprobs += o.logprobs
-                c.sampling_logprobs += o.sampling_logprobs
-                c.top_logprobs += o.top_logprobs or []
-                c.policy_versions += o.policy_versions
-                if o.finished:
-                    c.finish_reason, c.stop_reason = o.finish_reason, o.stop_reason
-        return [[results[rid][i] for i in sorted(results[rid])] for rid in ids]
+        results: list[dict[int, Generation]] = [{} for _ in prompts]
+        for i, o in run_to_completion(self, prompts, params):
+            g = results[i].setdefault(o.index, Generation(o.index))
+            g.token_ids += o.new_token_ids
+            g.logprobs += o.logprobs
+            g.sampling_logprobs += o.sampling_logprobs
+            g.top_logprobs += o.top_logprobs or []
+            g.policy_versions += o.policy_versions
+            if o.finished:
+                g.finish_reason, g.stop_reason = o.finish_reason, o.stop_reason
+        return [[r[k] for k in sorted(r)] for r in results]
 
     # -- stats -----------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -342,3 +333,38 @@ class Engine:
                 "cache_bytes": self.cache.nbytes, "max_model_len": self.max_model_len,
                 "prefix_cache_hit_tokens": b.hit_tokens, "num_preemptions": self.scheduler.num_preemptions,
                 "policy_version": self.policy_version, **self.counters}
+
+
+def run_to_completion(engine, prompts: list, params: SamplingParams | list[SamplingParams] | None = None, *,
+                      return_hidden: bool = False) -> Iterator[tuple[int, StepOutput]]:
+    """Submit prompts and step the engine until all their samples finished, yielding (prompt index, output) as they
+    come: the one loop that drives the engine to the end (Engine.generate, the eval, the terminal client).
+
+    Outputs of requests submitted elsewhere are not yielded: give it an engine nobody else drives. If a prompt is
+    refused, none runs (RequestError). Closing the generator early (an interrupted client) aborts what still runs,
+    freeing its cache blocks at once, and takes the aborts' outputs, so the engine is left as it was found. Works on
+    any object with the engine's add_request / step / abort (tests pass scripted stand-ins)."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+    left: dict[str, int] = {}  # request id -> samples not finished
+    index: dict[str, int] = {}
+    try:
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            sp = SamplingParams() if sp is None else sp
+            rid = engine.add_request(p, sp, return_hidden=return_hidden)
+            left[rid], index[rid] = sp.n, i
+        while left:
+            for o in engine.step():
+                if o.request_id not in left:
+                    continue
+                if o.finished:
+                    left[o.request_id] -= 1
+                    if not left[o.request_id]:
+                        del left[o.request_id]
+                yield index[o.request_id], o
+    finally:
+        if left:  # refused, interrupted or failed: abort the rest and take the aborts' outputs from the next step
+            aborted = {rid for rid in left if engine.abort(rid)}
+            while aborted:
+                aborted -= {o.request_id for o in engine.step() if o.finished}

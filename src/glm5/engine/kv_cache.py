@@ -18,6 +18,8 @@ P slots per block, W latent width (C + R), Di indexer key width.
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections import OrderedDict
 
 import torch
@@ -129,10 +131,67 @@ class BlockManager:
             self.key[b], self.key_id[b] = None, ROOT
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes: its latent row in every main layer and its index key in every "full" layer."""
     n_index = sum(t == "full" for t in cfg.indexer_types)
     width = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + n_index * cfg.index_head_dim
-    return width * block_size * torch.empty((), dtype=dtype).element_size()
+    return width * torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return bytes_per_token(cfg, dtype) * block_size
+
+
+# The share of the free memory a default-sized cache may take: an accelerator's memory is the server's alone (vLLM's
+# gpu_memory_utilization is 0.9), a CPU's is shared with the OS and everything else running.
+MEMORY_SHARE = {"cpu": 0.5, "other": 0.9}
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free now on the device (CPU: the kernel's MemAvailable); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_num_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, max_num_seqs: int,
+                       device: torch.device) -> tuple[int, str]:
+    """Enough blocks for max_num_seqs sequences of the model's whole context (max_position_embeddings), so the
+    scheduler never preempts, capped by a share of the free memory. Returns (blocks, why, in words)."""
+    per_token = bytes_per_token(cfg, dtype)
+    per_seq = -(-cfg.max_position_embeddings // block_size)
+    want = max_num_seqs * per_seq
+    why = f"{max_num_seqs} sequences x {cfg.max_position_embeddings} tokens x {per_token} B/token"
+    free = free_memory(device)
+    share = MEMORY_SHARE["cpu" if device.type == "cpu" else "other"]
+    if free is not None and want * block_size * per_token > share * free:
+        cap = int(share * free) // (block_size * per_token)
+        why = (f"{share:.0%} of the {free / (1 << 20):.0f} MiB free; {why} would take "
+               f"{want * block_size * per_token / (1 << 20):.0f} MiB")
+        return max(cap, 1), why
+    return want, why
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros; on a CPU, in an anonymous mapping, whose pages the kernel zeroes on first touch: a cache sized for
+    many long sequences then holds resident memory only for the blocks in use (torch.zeros writes every page up
+    front)."""
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or n == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=dtype).view(shape)
 
 
 class PagedKVCache:
@@ -144,8 +203,8 @@ class PagedKVCache:
         W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         full = [i for i, t in enumerate(cfg.indexer_types) if t == "full"]
         self.ikey_index = {layer: j for j, layer in enumerate(full)}  # "shared" layers keep no index keys
-        self.lat = torch.zeros(self.n_layers, num_blocks, block_size, W, dtype=dtype, device=device)
-        self.ikey = torch.zeros(len(full), num_blocks, block_size, cfg.index_head_dim, dtype=dtype, device=device)
+        self.lat = _zeros((self.n_layers, num_blocks, block_size, W), dtype, device)
+        self.ikey = _zeros((len(full), num_blocks, block_size, cfg.index_head_dim), dtype, device)
 
     @property
     def nbytes(self) -> int:

@@ -118,23 +118,22 @@ def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, hidden: list | N
 def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = False):
     """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason, hidden states or None).
     Prompts that do not fit the engine get (None, reason, None)."""
-    from ..engine import SamplingParams
+    from ..engine import SamplingParams, run_to_completion
 
     results: list = [None] * len(prompts)
-    rid_to_i, acc = {}, {}
+    fit, params = [], []
     for i, p in enumerate(prompts):
         room = engine.max_model_len - len(p)
         if room < 1:
             results[i] = (None, f"prompt of {len(p)} tokens does not fit max_model_len {engine.max_model_len}", None)
             continue
-        rid = engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room)),
-                                 return_hidden=hidden)
-        rid_to_i[rid], acc[rid] = i, []
-    while engine.has_unfinished():
-        for o in engine.step():
-            acc[o.request_id] += o.new_token_ids
-            if o.finished:
-                results[rid_to_i[o.request_id]] = (acc[o.request_id], o.finish_reason, o.hidden)
+        fit.append(i)
+        params.append(SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room)))
+    acc: dict[int, list[int]] = {i: [] for i in fit}
+    for k, o in run_to_completion(engine, [prompts[i] for i in fit], params, return_hidden=hidden):
+        acc[fit[k]] += o.new_token_ids
+        if o.finished:
+            results[fit[k]] = (acc[fit[k]], o.finish_reason, o.hidden)
     return results
 
 

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) and the serve / chat / generate commands.
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) and the `glm5 serve` command (its terminal clients,
+`glm5 chat` / `glm5 generate`, are glm5.client and glm5.client_cli).
 
     from glm5.server import create_app, BackgroundServer
     with BackgroundServer(create_app("tiny")) as srv:   # uvicorn on a free 127.0.0.1 port, in a thread

@@ -98,6 +98,10 @@ class _Gate:
         await self.app(scope, receive_limited, send)
 
 
+# Strict types (protocol.py): the expected JSON type in words, and what came instead.
+_TYPE_NAMES = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
+               "string_type": "a string", "list_type": "a list", "dict_type": "an object"}
+
 # Union-typed fields: pydantic reports one error per alternative; one plain sentence reads better.
 _UNION_HINTS = {
     "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
@@ -116,10 +120,22 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         fields.append(field)
         if field in _UNION_HINTS:
             parts.append(f"{field}: expected {_UNION_HINTS[field]}")
+        elif e.get("type") == "finite_number":
+            parts.append(f"{'.'.join(loc)}: NaN and infinity are not allowed, got {_json_or_repr(e.get('input'))}")
+        elif e.get("type") in _TYPE_NAMES and "input" in e:
+            parts.append(f"{'.'.join(loc)}: expected {_TYPE_NAMES[e['type']]}, got {_json_or_repr(e['input'])}")
         else:
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
     more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
     return "; ".join(parts[:3]) + more, fields[0] if fields else None
+
+
+def _json_or_repr(x) -> str:
+    try:
+        text = json.dumps(x)
+    except (TypeError, ValueError):
+        text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 async def _parse(request: Request, cls: type[BaseModel]):

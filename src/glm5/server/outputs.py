@@ -1,5 +1,5 @@
 """From engine StepOutputs to client text: one `SampleText` per sample (choice), shared by the HTTP server and the
-in-process CLI.
+in-process terminal client (glm5.client.LocalBackend).
 
 - The token that ended a sample (an eos id, or one of the request's stop_token_ids) is generated but not shown:
   it counts in usage, its text and log-prob are dropped, as in vLLM.

@@ -2,7 +2,10 @@
 
 Requests follow OpenAI's chat-completions and completions APIs plus vLLM's sampling extensions (`top_k`, `min_p`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`, `chat_template_kwargs`). Unknown fields are ignored, as vLLM does
-(clients send provider-specific extras such as `metadata`); wrong types and out-of-range values are 400s.
+(clients send provider-specific extras such as `metadata`); wrong types and out-of-range values are 400s. Types are
+strict, as OpenAI's are: `"stream": "yes"`, `"max_tokens": true` or `"n": 1.5` is refused, not coerced; an integer
+is accepted for a float. NaN and infinity are refused for every number (Python's JSON reader accepts `NaN`, and
+`1e999` reads as infinity).
 
 Responses are serialised with `exclude_unset=True`, and every field counts as set except those a class lists in
 `_omit_unset`: those appear only when the code set them (a stream delta carries only the keys that changed; a
@@ -22,7 +25,7 @@ MAX_TOP_LOGPROBS = 20
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class _Response(BaseModel):

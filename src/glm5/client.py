@@ -1,9 +1,13 @@
 """Chat and completion backends for the terminal commands (`glm5 chat`, `glm5 generate`): the same streamed deltas
 from a model run in this process (`LocalBackend`: the engine driven directly, no HTTP) or from a server
-(`RemoteBackend`: the OpenAI API over plain urllib, so the client side needs no extra package).
+(`RemoteBackend`: the OpenAI API over plain urllib, so the client side needs no extra package). `find_server` tells
+whether a glm5 server answers at a URL, so the commands can use one that already runs.
 
 Both yield chat deltas as the server streams them: {"reasoning_content": s} | {"content": s} | {"tool_calls": [...]},
 and plain text pieces for raw completions; `last_finish_reason` / `last_usage` describe the last call.
+
+max_tokens is a budget, not a demand: where the prompt leaves less room in the context (or a server allows fewer),
+the answer is cut there rather than refused, so a long chat ends at the context instead of in an error.
 """
 
 from __future__ import annotations
@@ -13,11 +17,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
-from ..chat import render_chat
-from ..chat_parse import StreamingParser
-from ..engine import SamplingParams
-from ..loader import with_openai_defaults
-from .outputs import SampleText
+from .chat import render_chat
+from .chat_parse import StreamingParser
+from .engine import SamplingParams, run_to_completion
+from .loader import with_openai_defaults
+from .server.outputs import SampleText
+
+DEFAULT_URL = "http://127.0.0.1:8000"  # where `glm5 serve` listens by default
+
+
+def find_server(url: str = DEFAULT_URL, timeout: float = 0.3) -> dict | None:
+    """The /health answer of a glm5 server at url ({"status": "ok", "model": ...}), or None if none answers in time.
+    The timeout is short: on this machine a live server answers in milliseconds, and a missing one refuses at once."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/").removesuffix("/v1") + "/health", timeout=timeout) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("status") == "ok" and "model" in body else None
 
 
 class LocalBackend:
@@ -34,24 +51,17 @@ class LocalBackend:
                               stop=list(stop or []), max_tokens=max_tokens or None)
 
     def _run(self, prompt: list[int], params: SamplingParams, on_text) -> Iterator:
-        eng = self.engine
-        room = eng.max_model_len - len(prompt)
+        room = self.engine.max_model_len - len(prompt)
         if params.max_tokens is not None and room >= 1:
-            params.max_tokens = min(params.max_tokens, room)  # a long chat ends at the context, not in an error
-        rid = eng.add_request(prompt, params)
+            params.max_tokens = min(params.max_tokens, room)
         sample = SampleText(self.tok, params.stop)
-        try:
-            while not sample.finished:
-                for o in eng.step():
-                    if o.request_id != rid:
-                        continue
-                    text, _ = sample.push(o)
-                    yield from on_text(text, o.finished)
+        run = run_to_completion(self.engine, [prompt], params)
+        try:  # closing this generator (Ctrl-C) closes `run`, which aborts the request and frees its cache at once
+            for _, o in run:
+                text, _ = sample.push(o)
+                yield from on_text(text, o.finished)
         finally:
-            if not sample.finished:  # interrupted (Ctrl-C, generator closed): free the cache now
-                eng.abort(rid)
-                while eng.has_unfinished():
-                    eng.step()
+            run.close()
         self.last_finish_reason = sample.finish_reason
         self.last_usage = {"prompt_tokens": len(prompt), "completion_tokens": sample.num_generated}
 
@@ -68,15 +78,20 @@ class LocalBackend:
         yield from self._run(r.ids, self._params(max_tokens, temperature, top_p, seed, None), on_text)
 
     def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None,
-                 seed: int | None = None, stop=None) -> Iterator[str]:
+                 top_p: float | None = None, seed: int | None = None, stop=None) -> Iterator[str]:
         ids = self.tok.encode(prompt, allow_special=True)
         yield from self._run(ids, self._params(max_tokens, temperature, top_p, seed, stop),
                              lambda text, finished: [text] if text else [])
 
 
 class RemoteError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+# The server's answers to a max_tokens larger than it allows (glm5.server.runs.sampling_params).
+_TOO_MANY_TOKENS = ("context_length_exceeded", "max_tokens_exceeded")
 
 
 class RemoteBackend:
@@ -85,7 +100,9 @@ class RemoteBackend:
         if not self.base.endswith("/v1"):
             self.base += "/v1"
         self.api_key, self.timeout = api_key, timeout
-        self.model = model or self._get("/models")["data"][0]["id"]
+        card = self._get("/models")["data"][0]
+        self.model = model or card["id"]
+        self.max_model_len: int | None = card.get("max_model_len")
         self.last_finish_reason: str | None = None
         self.last_usage: dict | None = None
 
@@ -99,10 +116,11 @@ class RemoteBackend:
             return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             try:
-                msg = json.loads(e.read())["error"]["message"]
+                err = json.loads(e.read())["error"]
             except Exception:
-                msg = e.reason
-            raise RemoteError(f"{self.base}{path}: HTTP {e.code}: {msg}") from None
+                err = {"message": e.reason}
+            raise RemoteError(f"{self.base}{path}: HTTP {e.code}: {err.get('message')}", e.code, err.get("code"),
+                              err.get("param")) from None
         except urllib.error.URLError as e:
             raise RemoteError(f"{self.base}{path}: cannot connect ({e.reason})") from None
 
@@ -110,9 +128,18 @@ class RemoteBackend:
         with self._request(path) as resp:
             return json.loads(resp.read())
 
-    def _events(self, path: str, body: dict) -> Iterator[dict]:
+    def _open_stream(self, path: str, body: dict):
         body = dict(body, model=self.model, stream=True, stream_options={"include_usage": True})
-        with self._request(path, body) as resp:
+        try:
+            return self._request(path, body)
+        except RemoteError as e:
+            if e.status != 400 or e.param != "max_tokens" or e.code not in _TOO_MANY_TOKENS:
+                raise
+        # max_tokens null: the server's own limit, min(its --max-tokens, what the context leaves)
+        return self._request(path, dict(body, max_tokens=None))
+
+    def _events(self, path: str, body: dict) -> Iterator[dict]:
+        with self._open_stream(path, body) as resp:
             for raw in resp:
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if not line.startswith("data:"):
@@ -153,8 +180,7 @@ class RemoteBackend:
                     yield {k: d[k]}
 
     def complete(self, prompt: str, *, max_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None,
-                 seed: int | None = None, stop=None) -> Iterator[str]:
+                 top_p: float | None = None, seed: int | None = None, stop=None) -> Iterator[str]:
         body = {"prompt": prompt, **self._sampling(max_tokens, temperature, top_p, seed)}
         if stop:
             body["stop"] = list(stop)
