@@ -1,0 +1,418 @@
+"""`glm5 rl`: asynchronous RL in the slime style, one loop for three modes.
+
+The driver (this process) owns the trainer, the buffer, the prompt stream and the version counters; a rollout
+worker process owns the engine (glm5.rl.worker). The driver starts groups only while the buffer's capacity allows
+(AReaL's admission control: a group started while the engine holds version p is trained by version p + tau at the
+latest), trains on the oldest B groups as soon as they are there, and pushes its weights to the worker.
+
+    mode           tau (max staleness)   weights reach the engine
+    sync           0                     after the rollout drained: rollout, then train, then rollout ...
+    one-step-off   1                     after the rollout drained (slime's train_async: rollout k+1 runs while
+                                         step k trains)
+    async          --max-staleness       in flight, between two engine steps (running samples go on with the new
+                                         weights; every token carries the version that sampled it), or with
+                                         --recompute-on-update, after recomputing their KV
+
+With tau = 0 the async mode cannot start a group before the previous step's weights arrived, so it runs exactly the
+sync schedule and produces the same weights bit for bit.
+
+Nothing is lost on a crash: a checkpoint holds the model, the optimizer, the buffer (queued groups and the uids of
+every group ever received), the version counters and the groups that were being generated; `--resume auto`
+regenerates those with the current weights and trains every other group exactly once.
+
+Letters: B groups per optimizer step, G samples per group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .buffer import Group, RolloutBuffer
+from .trainer import TrainConfig, make_optimizer, train_step
+from .worker import WorkerConfig, worker_main
+
+log = logging.getLogger("glm5.rl")
+
+MODES = ("sync", "one-step-off", "async")
+
+
+@dataclass
+class RLConfig:
+    model: str
+    out_dir: str
+    mode: str = "async"
+    max_staleness: int = 2  # async only: sync is 0, one-step-off 1
+    push_every: int = 1  # async: push weights every K optimizer steps
+    recompute_on_update: bool = False
+    steps: int = 20
+    groups_per_step: int = 8
+    group_size: int = 8
+    families: tuple[str, ...] = ("world", "unknown", "arithmetic", "tool")
+    reward: str = "glm5.rl.rewards:honesty_reward"
+    dynamic_sampling: bool = True
+    max_tokens: int = 256
+    max_tool_rounds: int = 2
+    seed: int = 0
+    rollout_threads: int | None = None  # default: all cores in sync mode, half in the others
+    train_threads: int | None = None
+    checkpoint_every: int = 10
+    keep_last: int = 2
+    resume: str = ""  # "" fresh, "auto" the newest checkpoint under out_dir, or a checkpoint path
+    train: TrainConfig = field(default_factory=TrainConfig)
+    progress: bool = True
+
+    def staleness(self) -> int:
+        return {"sync": 0, "one-step-off": 1}.get(self.mode, self.max_staleness)
+
+
+class RLError(ValueError):
+    """A run that cannot start: bad options, a checkpoint RL cannot train."""
+
+
+def check_config(cfg: RLConfig) -> None:
+    from ..data.example import FAMILIES
+
+    problems = []
+    if cfg.mode not in MODES:
+        problems.append(f"--mode {cfg.mode!r}: expected one of {', '.join(MODES)}")
+    if not isinstance(cfg.max_staleness, int) or cfg.max_staleness < 0:
+        problems.append(f"--max-staleness {cfg.max_staleness}: must be an integer >= 0 (0 = on-policy)")
+    for name in ("steps", "groups_per_step", "push_every", "max_tokens", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    if cfg.group_size < 2:
+        problems.append(f"--group-size {cfg.group_size}: GRPO compares samples of one prompt, so at least 2")
+    unknown = [f for f in cfg.families if f not in FAMILIES]
+    if unknown or not cfg.families:
+        problems.append(f"--families: unknown {', '.join(map(repr, unknown)) or '(none given)'}; known: "
+                        f"{', '.join(FAMILIES)}")
+    elif cfg.reward == RLConfig.reward:
+        from .rewards import HONESTY
+
+        no_reward = [f for f in cfg.families if f not in HONESTY]
+        if no_reward:
+            problems.append(f"--families {', '.join(no_reward)}: the honesty reward does not score them (it scores "
+                            f"{', '.join(HONESTY)}); pass --reward module:function")
+    if problems:
+        raise RLError("glm5 rl: " + "; ".join(problems))
+    from .rewards import load_reward_fn
+
+    try:
+        load_reward_fn(cfg.reward)
+    except ValueError as e:
+        raise RLError(f"glm5 rl: --reward: {e}") from None
+    cfg_file = Path(cfg.model) / "config.json"
+    if cfg_file.is_file() and "quantization_config" in json.loads(cfg_file.read_text()):
+        raise RLError(f"glm5 rl: {cfg.model} is an FP8 checkpoint; RL trains BF16/FP32 weights. Convert it first: "
+                      f"glm5 quantize {cfg.model} OUT --to bf16")
+
+
+class PromptStream:
+    """Prompt i of the run, the same in every run with this seed: families interleaved, each from its seeded
+    training split."""
+
+    def __init__(self, families: tuple[str, ...], seed: int, per_family: int):
+        from ..data import examples
+
+        self.families = families
+        self.pools = {f: examples(f, "train", per_family, seed) for f in families}
+
+    def __getitem__(self, i: int):
+        fam = self.families[i % len(self.families)]
+        pool = self.pools[fam]
+        return pool[(i // len(self.families)) % len(pool)]
+
+
+class LocalWorker:
+    """The rollout worker in a child process (spawned: a fresh interpreter, no forked torch state)."""
+
+    def __init__(self, cfg: WorkerConfig):
+        ctx = mp.get_context("spawn")
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=worker_main, args=(cfg, self.inbox, self.outbox), daemon=True,
+                                name="glm5-rollout")
+        self.proc.start()
+        kind, info = self.get(timeout=600)
+        if kind != "ready":
+            raise RuntimeError(f"rollout worker did not start: {info}")
+        self.info = info
+
+    def put(self, msg) -> None:
+        self.inbox.put(msg)
+
+    def get(self, timeout: float):
+        while True:
+            try:
+                msg = self.outbox.get(timeout=min(timeout, 5.0))
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"rollout worker died (exit code {self.proc.exitcode})") from None
+                timeout -= 5.0
+                if timeout <= 0:
+                    raise TimeoutError("rollout worker sent nothing") from None
+                continue
+            if msg[0] == "error":
+                raise RuntimeError(f"rollout worker failed:\n{msg[1]}")
+            return msg
+
+    def stop(self) -> dict:
+        info = {}
+        if self.proc.is_alive():
+            self.inbox.put(("stop",))
+            try:
+                while True:
+                    msg = self.outbox.get(timeout=30)
+                    if msg[0] == "stopped":
+                        info = msg[1]
+                        break
+            except queue.Empty:
+                pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+        return info
+
+
+class Run:
+    """One `glm5 rl` run. `run()` trains to cfg.steps and returns the summary."""
+
+    def __init__(self, cfg: RLConfig):
+        from ..loader import load
+
+        check_config(cfg)
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        cores = os.cpu_count() or 1
+        split = cfg.mode != "sync"
+        self.train_threads = cfg.train_threads or (max(1, cores // 2) if split else cores)
+        self.rollout_threads = cfg.rollout_threads or (max(1, cores - self.train_threads) if split else cores)
+        torch.set_num_threads(self.train_threads)
+        loaded = load(cfg.model)
+        self.model, self.tok = loaded.model.float(), loaded.tokenizer
+        self.opt = make_optimizer(self.model, cfg.train)
+        self.tau = cfg.staleness()
+        self.buffer = RolloutBuffer(self.tau, cfg.dynamic_sampling)
+        B = cfg.groups_per_step
+        self.prompts = PromptStream(cfg.families, cfg.seed, per_family=max(64, 2 * cfg.steps * B // len(cfg.families)))
+        self.step = 0  # optimizer steps done = the trainer's policy version
+        self.pushed = 0  # the version the engine holds (or will, once its queue is read)
+        self.next_prompt = 0
+        self.inflight: dict[int, float] = {}  # group id -> when it was started
+        self.redo: deque[int] = deque()  # groups to start again (lost with a killed worker before a resume)
+        self.skipped_samples = 0  # samples whose reward function failed
+        self.dropped_failed = 0  # groups left with fewer than two scored samples
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.ckpt_root = self.out / "checkpoints"
+        self.resumed_from = self._resume()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "pushed": self.pushed, "next_prompt": self.next_prompt,
+                "inflight": sorted(set(self.inflight) | set(self.redo)), "skipped_samples": self.skipped_samples,
+                "dropped_failed": self.dropped_failed, "buffer": self.buffer.state_dict(), "config": _jsonable(asdict(self.cfg))}
+
+    def save(self) -> Path:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from ..train import checkpoint as ckpt
+
+        osd = get_optimizer_state_dict(self.model, self.opt, options=StateDictOptions(full_state_dict=True))
+        return ckpt.save(self.ckpt_root, self.step, self.model, osd, [ckpt.rng_state()], {"rl": self._state()},
+                         self.cfg.keep_last)
+
+    def _resume(self) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from ..train import checkpoint as ckpt
+
+        path = ckpt.resolve(self.cfg.resume, self.ckpt_root)
+        if path is None:
+            if self.metrics_path.exists() and not self.cfg.resume:
+                self.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+            return None
+        saved = ckpt.load(path)
+        st = saved["trainer_state"].get("rl")
+        if st is None:
+            raise RLError(f"glm5 rl: {path} is not an RL checkpoint (no rl state)")
+        if st["config"]["mode"] != self.cfg.mode or st["config"]["families"] != list(self.cfg.families):
+            raise RLError(f"glm5 rl: {path} was written with --mode {st['config']['mode']} --families "
+                          f"{','.join(st['config']['families'])}; resume with the same")
+        ckpt.load_model_weights(self.model, path)
+        set_optimizer_state_dict(self.model, self.opt, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        ckpt.set_rng_state(saved["rng"][0])
+        self.buffer.load_state_dict(st["buffer"])
+        self.step, self.pushed, self.next_prompt = st["step"], st["step"], st["next_prompt"]
+        self.redo = deque(st["inflight"])
+        self.skipped_samples, self.dropped_failed = st["skipped_samples"], st["dropped_failed"]
+        # metrics past the checkpoint belong to steps that will be trained again
+        if self.metrics_path.exists():
+            lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        return path
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _push(self, worker) -> float:
+        t0 = time.perf_counter()
+        # a copy: the queue moves tensors into shared memory, and the trainer's own must not be shared (the next
+        # optimizer step would change what the engine reads before it has copied it)
+        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        worker.put(("weights", self.step, sd))
+        self.pushed = self.step
+        return time.perf_counter() - t0
+
+    def _dispatch(self, worker) -> int:
+        cap = self.buffer.capacity(self.pushed, self.cfg.groups_per_step, running=len(self.inflight))
+        orders = []
+        while cap > 0:
+            gid = self.redo.popleft() if self.redo else self.next_prompt
+            if gid == self.next_prompt:
+                self.next_prompt += 1
+            orders.append((gid, self.prompts[gid], self.cfg.group_size, _group_seed(self.cfg.seed, gid)))
+            self.inflight[gid] = time.perf_counter()
+            cap -= 1
+        if orders:
+            worker.put(("generate", orders))
+        return len(orders)
+
+    def _receive(self, msg, stats) -> None:
+        kind = msg[0]
+        if kind == "pushed":
+            stats["push_apply_s"].append(msg[2])
+            return
+        if kind != "group":
+            return
+        _, gid, samples = msg
+        self.inflight.pop(gid, None)
+        kept = [s for s in samples if s["reward"] is not None]
+        self.skipped_samples += len(samples) - len(kept)
+        stats["tokens"] += sum(sum(s["mask"]) for s in samples)
+        for s in samples:
+            stats["outcomes"][s["family"]][s["outcome"]] += 1
+            if s["reward"] is not None:
+                stats["rewards"][s["family"]].append(s["reward"])
+        if len(kept) < 2:  # GRPO needs two samples to compare
+            self.dropped_failed += 1
+            stats["arrivals"]["dropped_failed"].append(gid)
+            return
+        group = Group(gid, [s["reward"] for s in kept], [[v for v in s["versions"] if v >= 0] for s in kept],
+                      {"samples": [{k: s[k] for k in ("ids", "mask", "logprobs")} for s in kept],
+                       "family": kept[0]["family"]})
+        stats["arrivals"][self.buffer.put(group, self.step)].append(gid)
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        wcfg = WorkerConfig(model=cfg.model, reward=cfg.reward, threads=self.rollout_threads,
+                            max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds, seed=cfg.seed,
+                            update_in_flight=cfg.mode == "async", recompute_on_update=cfg.recompute_on_update)
+        t_start = time.perf_counter()
+        worker = LocalWorker(wcfg)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"rl {cfg.mode}", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        totals = Counter()
+        try:
+            self._push(worker)  # the engine starts from the trainer's weights (a resumed run's, too)
+            stats = _new_stats()
+            t_wait = 0.0
+            while self.step < cfg.steps:
+                self._dispatch(worker)
+                batch = self.buffer.get_batch(cfg.groups_per_step, self.step)
+                if batch is None:
+                    t0 = time.perf_counter()
+                    self._receive(worker.get(timeout=3600), stats)
+                    t_wait += time.perf_counter() - t0
+                    continue
+                t0 = time.perf_counter()
+                tstats = train_step(self.model, self.opt, batch, cfg.train)
+                t_train = time.perf_counter() - t0
+                self.step += 1
+                push_s = self._push(worker) if (cfg.mode != "async" or self.step % cfg.push_every == 0) else None
+                rec = self._record(batch, tstats, stats, t_train, t_wait, push_s, time.perf_counter() - t_start)
+                totals.update({"train_s": t_train, "wait_s": t_wait})
+                stats, t_wait = _new_stats(), 0.0
+                bar.set_postfix(reward=f"{rec['reward_mean']:+.2f}", stale=rec["staleness_max"],
+                                tok_s=f"{rec['rollout_tok_s']:.0f}")
+                bar.update()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+            worker_info = worker.stop()
+        finally:
+            bar.close()
+            if worker.proc.is_alive():
+                worker.stop()
+        self.buffer.check()
+        wall = time.perf_counter() - t_start
+        summary = {"mode": cfg.mode, "steps": self.step, "seconds": round(wall, 2), "buffer": self.buffer.stats(),
+                   "skipped_samples": self.skipped_samples, "dropped_failed": self.dropped_failed,
+                   "trainer_idle_share": totals["wait_s"] / wall,
+                   "rollout_idle_share": worker_info.get("idle_s", 0.0) / wall,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _record(self, batch, tstats, stats, t_train, t_wait, push_s, elapsed) -> dict:
+        rewards = [r for g in batch for r in g.rewards]
+        fam_rewards = defaultdict(list)
+        for g in batch:
+            fam_rewards[g.data["family"]] += list(g.rewards)
+        stale = [self.step - 1 - g.oldest for g in batch]
+        oc = stats["outcomes"]
+        rec = {"step": self.step, "elapsed_s": round(elapsed, 3), "reward_mean": sum(rewards) / len(rewards),
+               "reward_by_family": {f: sum(v) / len(v) for f, v in fam_rewards.items()},
+               "rollout_reward_by_family": {f: sum(v) / len(v) for f, v in stats["rewards"].items() if v},
+               "outcomes": {f: dict(c) for f, c in oc.items()},
+               "hallucination_rate": _hallucination(oc),
+               "staleness": stale, "staleness_max": max(stale),
+               "train_s": round(t_train, 3), "trainer_wait_s": round(t_wait, 3),
+               "push_s": None if push_s is None else round(push_s, 4),
+               "push_apply_s": stats["push_apply_s"], "rollout_tokens": stats["tokens"],
+               "rollout_tok_s": stats["tokens"] / max(1e-9, t_train + t_wait),
+               "icepop_masked_share": tstats["masked"] / tstats["tokens"], **{k: tstats[k] for k in
+                                                                              ("loss", "tokens", "clipped",
+                                                                               "grad_norm", "kl_roll")},
+               "trained_groups": [g.uid for g in batch], "arrivals": dict(stats["arrivals"]),
+               "buffer": self.buffer.stats()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+def _new_stats() -> dict:
+    return {"tokens": 0, "outcomes": defaultdict(Counter), "rewards": defaultdict(list), "push_apply_s": [],
+            "arrivals": defaultdict(list)}
+
+
+def _hallucination(oc) -> float | None:
+    """wrong / (wrong + abstained) over the world and unknown samples generated since the last step."""
+    w = sum(oc[f]["wrong"] for f in ("world", "unknown") if f in oc)
+    a = sum(oc[f]["abstained"] for f in ("world", "unknown") if f in oc)
+    return w / (w + a) if w + a else None
+
+
+def _group_seed(seed: int, gid: int) -> int:
+    return (seed * 1_000_003 + gid * 7919) % (1 << 31)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return x

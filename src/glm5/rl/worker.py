@@ -1,0 +1,136 @@
+"""The rollout worker: an engine in its own process, so that sampling and training really run at the same time.
+
+It takes orders from one inbox, in order, and answers in one outbox:
+    ("weights", version, state_dict)    swap weights between two engine steps (in flight: running samples go on,
+                                        their next tokens carry the new version); answered ("pushed", version, s)
+    ("generate", [(group, example, group_size, seed), ...])    start these groups
+    ("stop",)
+    -> ("ready", info) once, ("group", group, [sample dicts]) per finished group, ("error", text) if it dies.
+Rewards are computed here, beside the engine (slime's reward model runs in the rollout too): the driver receives
+finished, scored groups. A sample whose reward function fails is sent with reward None and left out of training.
+
+The same class runs in-process (`RolloutWorker.handle` / `.poll`), which is what the process loop calls.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WorkerConfig:
+    model: str  # checkpoint directory (the driver pushes the trainer's weights before any work anyway)
+    reward: str = "glm5.rl.rewards:honesty_reward"
+    threads: int = 1
+    max_tokens: int = 256
+    max_tool_rounds: int = 2
+    temperature: float = 1.0
+    max_num_seqs: int = 64
+    cache_mib: int | None = None
+    seed: int = 0
+    update_in_flight: bool = True  # False: new weights wait until the running groups finished
+    recompute_on_update: bool = False  # in flight: recompute running samples' KV under the new weights
+
+
+def sample_dict(s, reward) -> dict:
+    """What travels to the trainer of one sample: plain lists (JSON-able, for the buffer's checkpoint)."""
+    return {"ids": s.ids, "mask": s.mask, "logprobs": s.logprobs, "versions": s.versions, "reward": reward,
+            "outcome": s.outcome, "finish_reason": s.finish_reason, "turns": s.turns, "prompt_len": s.prompt_len,
+            "family": s.example.family}
+
+
+class RolloutWorker:
+    def __init__(self, cfg: WorkerConfig):
+        from ..engine import Engine
+        from ..loader import load
+        from .rewards import RewardSample, load_reward_fn, outcome, safe_reward
+        from .rollout import Rollout
+
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        loaded = load(cfg.model)
+        self.tok = loaded.tokenizer
+        fn = load_reward_fn(cfg.reward)
+
+        def score(s):
+            rs = RewardSample(s.uid, s.example, s.output, s.finish_reason, s.ids[: s.prompt_len],
+                              s.ids[s.prompt_len:])
+            r = safe_reward(fn, rs)
+            try:
+                oc = outcome(rs)
+            except Exception:  # noqa: BLE001 -- a family the eval cannot score (a custom environment)
+                oc = None
+            return (None if not isinstance(r, float) else r), oc
+
+        self.engine = Engine(loaded.model, eos_token_ids=self.tok.eos_ids, max_num_seqs=cfg.max_num_seqs,
+                             cache_bytes=None if cfg.cache_mib is None else cfg.cache_mib << 20, seed=cfg.seed)
+        self.rollout = Rollout(self.engine, self.tok, max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds,
+                               temperature=cfg.temperature, score=score)
+        self.busy_s = self.idle_s = 0.0
+
+    def can_take(self, msg) -> bool:
+        """Orders run in the order sent; weights wait for a drained rollout unless they may land in flight."""
+        return msg[0] != "weights" or self.cfg.update_in_flight or not self.rollout.busy
+
+    def handle(self, msg) -> list:
+        """Apply one order; returns the replies."""
+        kind = msg[0]
+        if kind == "weights":
+            t0 = time.perf_counter()
+            self.engine.update_weights(msg[2], version=msg[1], recompute_running=self.cfg.recompute_on_update)
+            return [("pushed", msg[1], time.perf_counter() - t0)]
+        if kind == "generate":
+            for group, example, size, seed in msg[1]:
+                self.rollout.submit(group, example, size, seed)
+            return []
+        raise ValueError(f"rollout worker: unknown order {kind!r}")
+
+    def poll(self) -> list:
+        """One engine step -> ("group", ...) replies for the groups it finished."""
+        t0 = time.perf_counter()
+        out = [("group", g[0].group, [sample_dict(s, s.reward) for s in g]) for g in self.rollout.step()]
+        self.busy_s += time.perf_counter() - t0
+        return out
+
+
+def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
+    """The worker process: orders in, replies out, until ("stop",)."""
+    parent = os.getppid()
+    try:
+        w = RolloutWorker(cfg)
+        outbox.put(("ready", {"max_model_len": w.engine.max_model_len}))
+        orders: deque = deque()
+        while True:
+            if not w.rollout.busy and not orders:
+                t0 = time.perf_counter()
+                while not orders:  # nothing to do: wait for orders, and end with a driver that was killed
+                    try:
+                        orders.append(inbox.get(timeout=2.0))
+                    except queue.Empty:
+                        if os.getppid() != parent:
+                            return
+                w.idle_s += time.perf_counter() - t0
+            while True:
+                try:
+                    orders.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            while orders and (orders[0][0] == "stop" or w.can_take(orders[0])):
+                m = orders.popleft()
+                if m[0] == "stop":
+                    outbox.put(("stopped", {"busy_s": w.busy_s, "idle_s": w.idle_s}))
+                    return
+                for r in w.handle(m):
+                    outbox.put(r)
+            if w.rollout.busy:
+                for r in w.poll():
+                    outbox.put(r)
+    except Exception:  # noqa: BLE001 -- reported to the driver, which stops the run with it
+        outbox.put(("error", traceback.format_exc()))
