@@ -16,7 +16,7 @@ import glm5
 from glm5.config import tiny
 from glm5.model.moe import Experts
 from glm5.quant import (FP8, FP8Experts, FP8Linear, dequantize, fp8_state_dict, kernels, linear_fast,
-                        linear_reference, load_fp8_model, quantize, quantize_checkpoint, quantize_model,
+                        linear_reference, quantize, quantize_checkpoint, quantize_model,
                         save_fp8_checkpoint, scale_shape, set_linear_impl, weight_bytes)
 from glm5.quant.cli import add_parser
 from glm5.quant.format import quantized_by_release, read_quant_config
@@ -231,7 +231,7 @@ def test_resident_memory_at_most_055_of_bf16(tmp_path):
     dense = glm5.load_model(cfg, dtype=torch.bfloat16)
     glm5.save_checkpoint(dense, tmp_path / "bf16", dtype=torch.bfloat16)
     quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", "fp8")
-    fp8 = load_fp8_model(tmp_path / "fp8", dtype=torch.bfloat16)  # unquantized tensors in BF16, as stored
+    fp8 = glm5.load_model(tmp_path / "fp8", dtype=torch.bfloat16)  # unquantized tensors in BF16, as stored
     ratio = weight_bytes(fp8) / weight_bytes(dense)
     assert 0.45 < ratio <= 0.55, ratio
     n_fp8 = sum(b.numel() for b in fp8.buffers() if b.dtype == FP8)
@@ -262,7 +262,7 @@ def test_round_trip_fp8_bf16_loads_in_transformers(tmp_path, capsys):
     assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128] and qc["fmt"] == "e4m3"
     assert qc["activation_scheme"] == "dynamic" and "lm_head" in qc["modules_to_not_convert"]
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
-    fp8 = load_fp8_model(tmp_path / "fp8")
+    fp8 = glm5.load_model(tmp_path / "fp8")
     assert isinstance(fp8.model.layers[1].mlp.experts, FP8Experts)
     assert isinstance(fp8.mtp[0].self_attn.indexer.wk, FP8Linear)
     assert type(fp8.mtp[0].eh_proj) is torch.nn.Linear  # left in BF16, as GLM-5-FP8 does
@@ -327,7 +327,7 @@ def test_official_layout_loads_like_in_memory_quantization(tmp_path):
     path = _official_layout(tmp_path, dense, cfg)
     fmt = read_quant_config(json.loads((path / "config.json").read_text()))
     assert fmt.listed_unconverted("model.layers.0.self_attn.indexer.weights_proj")  # the misspelling, understood
-    loaded = load_fp8_model(path)
+    loaded = glm5.load_model(path)
     in_memory = quantize_model(copy.deepcopy(dense))
     assert loaded.model.layers[0].self_attn.q_a_proj.weight.dtype == FP8
     ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=_gen(9))
@@ -339,7 +339,7 @@ def test_official_layout_loads_like_in_memory_quantization(tmp_path):
     save_fp8_checkpoint(in_memory, tmp_path / "saved", max_shard_bytes=300_000)
     assert len(list((tmp_path / "saved").glob("*.safetensors"))) > 1
     with torch.no_grad():
-        assert torch.equal(load_fp8_model(tmp_path / "saved")(ids), a)
+        assert torch.equal(glm5.load_model(tmp_path / "saved")(ids), a)
     # RL weight sync into an FP8 rollout model: dense tensors in, the same FP8 state out
     upd = fp8_state_dict(loaded, {k: v for k, v in dense.state_dict().items()})
     named = {**dict(loaded.named_parameters()), **dict(loaded.named_buffers())}
@@ -382,7 +382,7 @@ def test_bad_fp8_checkpoints_fail_clearly(tmp_path, case):
               "fp8_listed_unconverted": r"weights_proj.weight: stored as e4m3 but its module is in modules_to_not",
               "e5m2": rf"{key}: stored as F8_E5M2"}[case]
     with pytest.raises(CheckpointError, match=expect):
-        load_fp8_model(path)
+        glm5.load_model(path)
 
 
 def test_quantize_refuses_fp8_input_and_a_used_output(tmp_path):
@@ -451,7 +451,7 @@ def test_engine_decodes_an_fp8_model_like_plain_greedy(tmp_path):
     cfg = tiny()
     glm5.save_checkpoint(perturb(glm5.load_model(cfg), seed=10, std=0.05), tmp_path / "dense")
     quantize_checkpoint(tmp_path / "dense", tmp_path / "fp8", "fp8")
-    fp8 = load_fp8_model(tmp_path / "fp8")
+    fp8 = glm5.load_model(tmp_path / "fp8")
     prompts = [[1, 5, 9, 33, 2], [7, 7, 100, 4, 8, 9, 10, 11, 12]]
     res = Engine(fp8, num_blocks=64, block_size=4, eos_token_ids=[]).generate(
         prompts, SamplingParams(temperature=0.0, max_tokens=10))
@@ -472,24 +472,31 @@ def test_engine_decodes_an_fp8_model_like_plain_greedy(tmp_path):
 
 
 def test_load_model_routes_fp8_and_engine_update_weights_quantizes(tmp_path):
-    """glm5.load_model opens an FP8 checkpoint with FP8 weights; the engine's update_weights takes dense tensors."""
-    import glm5
-    from glm5.config import tiny
+    """glm5.load_model opens an FP8 checkpoint with FP8 weights. The engine's update_weights takes dense tensors
+    and quantizes them: afterwards it serves exactly what a fresh engine on the quantized new checkpoint serves."""
     from glm5.engine import Engine, SamplingParams
-    from glm5.quant.convert import quantize_checkpoint
 
-    dense = glm5.load_model(tiny())
-    glm5.save_checkpoint(dense, tmp_path / "bf16")
-    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", to="fp8")
-    m = glm5.load_model(tmp_path / "fp8")
+    def checkpoints(seed, name):  # a BF16 checkpoint, its FP8 quantization, and the dense tensors as stored
+        glm5.save_checkpoint(perturb(glm5.load_model(tiny()), seed=seed, std=0.05), tmp_path / name,
+                             dtype=torch.bfloat16)
+        quantize_checkpoint(tmp_path / name, tmp_path / f"{name}-fp8", to="fp8")
+        return glm5.load_model(tmp_path / name), glm5.load_model(tmp_path / f"{name}-fp8")
+
+    _, m = checkpoints(10, "old")
     assert any(b.dtype == torch.float8_e4m3fn for b in m.buffers())
     with pytest.raises(glm5.CheckpointError, match="save_fp8_checkpoint"):
         glm5.save_checkpoint(m, tmp_path / "nope")
-    eng = Engine(m, num_blocks=32, block_size=4)
-    ids = [1, 2, 3, 4, 5]
-    before = eng.generate([ids], SamplingParams(temperature=0, max_tokens=4))[0][0].token_ids
-    other = glm5.load_model(tiny(), seed=1)
-    eng.update_weights(dict(other.state_dict()))
-    after = eng.generate([ids], SamplingParams(temperature=0, max_tokens=4))[0][0].token_ids
-    assert eng.policy_version == 1 and after != before
-    assert all(b.isfinite().all() for b in m.buffers() if b.dtype == torch.float32)
+    new_dense, fresh = checkpoints(11, "new")
+    prompts, sp = [[1, 2, 3, 4, 5], [7, 7, 100, 4, 8, 9]], SamplingParams(temperature=0, max_tokens=8)
+    eng = Engine(m, num_blocks=32, block_size=4, eos_token_ids=[])
+    before = [c[0].token_ids for c in eng.generate(prompts, sp)]
+    assert eng.update_weights(dict(new_dense.state_dict())) == 1
+    served = [c[0] for c in eng.generate(prompts, sp)]
+    expected = [c[0] for c in Engine(fresh, num_blocks=32, block_size=4, eos_token_ids=[]).generate(prompts, sp)]
+    # the same FP8 bytes and scales, the same dense tensors: hence the same tokens with the same log-probs
+    got, want = m.state_dict(), fresh.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:  # compared as bytes: torch.equal has no e4m3 kernel on the CPU
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    assert [c.token_ids for c in served] == [c.token_ids for c in expected] != before
+    assert [c.logprobs for c in served] == [c.logprobs for c in expected]

@@ -1,4 +1,5 @@
-"""Model behaviour with no external reference: cache = full forward, MTP by hand, gradients, config, inspect."""
+"""Model behaviour with no external reference: cache = full forward, MTP against its formula computed from the
+raw tensors, gradients, config, inspect."""
 
 import json
 import subprocess
@@ -57,25 +58,53 @@ def test_topk_ties_break_by_position():
             assert sorted(chosen & set(ties)) == ties[:n_tied]
 
 
-def test_mtp_logits_by_hand():
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _mtp_reference(m, ids, embedding_first=True):
+    """MTP logits from the raw tensors, the way DeepSeek-V3's and GLM-5's released MTP weights are served (vLLM
+    model_executor/models/deepseek_mtp.py; SGLang's deepseek_nextn): eh_proj(cat([enorm(embed(tok[t+1])),
+    hnorm(h[t])])) -> the MTP decoder block -> shared_head.norm -> the main lm_head. h is the main model's
+    final-normed hidden state. Only the decoder block is the model's own module, called as a black box."""
+    layer, eps = m.mtp[0], m.config.rms_norm_eps
+    B, T = ids.shape
+    h_BTD = m.hidden(ids)[:, :-1]
+    e_BTD = m.model.embed_tokens.weight[ids[:, 1:]]
+    parts = [_rms(e_BTD, layer.enorm.weight, eps), _rms(h_BTD, layer.hnorm.weight, eps)]
+    x_BTD = torch.cat(parts if embedding_first else parts[::-1], -1) @ layer.eh_proj.weight.T
+    pos_BT = torch.arange(T - 1).expand(B, T - 1)
+    ctx = m._context(pos_BT, None, None, None, T - 1, ids.device)  # RoPE angles and the causal mask, no cache
+    x_BTD = layer(x_BTD, ctx, None, m.impl.moe)[0]
+    return _rms(x_BTD, layer.shared_head.norm.weight, eps) @ m.lm_head.weight.T, x_BTD, h_BTD, pos_BT
+
+
+def test_mtp_equals_an_independent_computation():
     m = _model()
-    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    ids = torch.randint(0, m.config.vocab_size, (2, 12))
     with torch.no_grad():
         logits, mtp = m.forward_with_mtp(ids)
-        assert logits.shape == (1, 12, m.config.vocab_size) and mtp.shape == (1, 11, m.config.vocab_size)
-        assert torch.allclose(logits, m(ids), atol=1e-5)
-        # the formula, spelled out: h at t (main model, final-normed) and token t+1 -> logits for token t+2
-        layer = m.mtp[0]
-        h = m.hidden(ids)[:, :-1]
-        x = layer.eh_proj(torch.cat([layer.enorm(m.model.embed_tokens(ids[:, 1:])), layer.hnorm(h)], -1))
-        ref, _ = m.mtp_step(h, ids[:, 1:], torch.arange(11)[None])
-        assert torch.allclose(ref, mtp, atol=1e-5)
-        # causal: changing the last token changes no earlier MTP position
-        ids2 = ids.clone()
-        ids2[0, -1] = (ids[0, -1] + 1) % m.config.vocab_size
-        _, mtp2 = m.forward_with_mtp(ids2)
-        assert torch.allclose(mtp2[:, :-1], mtp[:, :-1], atol=1e-5) and not torch.allclose(mtp2[:, -1], mtp[:, -1])
-        assert x.shape == h.shape
+        assert logits.shape == (2, 12, m.config.vocab_size) and mtp.shape == (2, 11, m.config.vocab_size)
+        # the h MTP reads is the one the LM head reads: after the final norm
+        assert torch.allclose(logits, m.hidden(ids) @ m.lm_head.weight.T, atol=1e-5)
+        ref, x_ref, h, pos = _mtp_reference(m, ids)
+        assert (mtp - ref).abs().max() <= 1e-4 * ref.abs().max()
+        step, x = m.mtp_step(h, ids[:, 1:], pos)
+        assert (step - ref).abs().max() <= 1e-4 * ref.abs().max() and torch.allclose(x, x_ref, atol=1e-5)
+        # the weights make the concat order matter: a swapped order is far from the model's output
+        swapped, *_ = _mtp_reference(m, ids, embedding_first=False)
+        assert (mtp - swapped).abs().max() > 0.1 * ref.abs().max()
+
+
+def test_mtp_is_causal():
+    m = _model()
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    ids2 = ids.clone()
+    ids2[0, -1] = (ids[0, -1] + 1) % m.config.vocab_size
+    with torch.no_grad():
+        (_, mtp), (_, mtp2) = m.forward_with_mtp(ids), m.forward_with_mtp(ids2)
+    # changing the last token changes no earlier MTP position
+    assert torch.allclose(mtp2[:, :-1], mtp[:, :-1], atol=1e-5) and not torch.allclose(mtp2[:, -1], mtp[:, -1])
 
 
 def test_packed_documents_do_not_attend_across_boundaries():

@@ -63,9 +63,10 @@ def test_models_and_chat(real):
     r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, temperature=0)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and len(r.choices) == 1
     c = r.choices[0]
-    assert c.finish_reason in ("length", "stop") and c.message.role == "assistant"
+    # the seeded random model picks no eos id in six greedy tokens: it runs to max_tokens
+    assert c.finish_reason == "length" and c.message.role == "assistant"
     assert r.usage.prompt_tokens == len(TOK.encode("What is the weather in Paris?")) + 5  # + [gMASK]<sop><|user|>
-    assert r.usage.completion_tokens <= 6 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.completion_tokens == 6 and r.usage.total_tokens == r.usage.prompt_tokens + 6
 
 
 def test_streaming_equals_whole(real):
@@ -185,7 +186,7 @@ def test_tool_round_trip_real_model(real, scripted):
         {"role": "tool", "tool_call_id": "call_1", "content": "22 C, sunny"}]
     client, _ = real
     r = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0)
-    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5  # as above: no eos, no call
     sclient, seng = scripted
     seng.script = script("</think>It is 22 C and sunny in Paris.")
     a = sclient.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=50)
