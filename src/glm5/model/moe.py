@@ -1,10 +1,14 @@
-"""DeepSeek-V3 Mixture of Experts as used by GLM-5 (GLM5.md §1).
+"""DeepSeek-V3 Mixture of Experts as used by GLM-5 (DeepSeek-V3 paper, arXiv:2412.19437 §2.1.2; deepseek-ai/DeepSeek-V3
+inference/model.py `Gate` and `MoE`).
 
 Router: sigmoid scores; `e_score_correction_bias` is added for *choosing* experts only (aux-loss-free balancing
 moves it between steps); group-limited top-k; weights are the unbiased scores of the chosen experts, normalised
 to sum 1 (norm_topk_prob) and scaled by routed_scaling_factor.
 
-Letters: N tokens, D model dim, F expert width, E experts, k experts per token, G groups.
+Experts: `dispatch` sends each token to its k experts and sums their outputs, for the dense `Experts` here and the
+FP8 ones of glm5.quant.fp8 alike; an experts module only says how to apply one of its matrices.
+
+Letters: N tokens, M (token, expert) pairs, D model dim, F expert width, E experts, k experts per token, G groups.
 """
 
 from __future__ import annotations
@@ -47,6 +51,46 @@ class Router(nn.Module):
         return w_Nk * self.scaling, idx_Nk, logits_NE
 
 
+def swiglu(proj, e: int, x_MD: torch.Tensor) -> torch.Tensor:
+    """Expert e on M rows; proj(x, name, e) multiplies by expert e's matrix `name` (gate_proj, up_proj, down_proj)."""
+    return proj(F.silu(proj(x_MD, "gate_proj", e)) * proj(x_MD, "up_proj", e), "down_proj", e)
+
+
+def dispatch(x_ND, w_Nk, idx_Nk, n_experts: int, proj, impl: str = "grouped", grouped_gemm=None):
+    """y_ND[n] = sum_j w_Nk[n, j] * expert_{idx_Nk[n, j]}(x_ND[n]), each expert a `swiglu` through proj.
+    grouped_gemm(x_MD, offs_E), where the weights have one, runs every expert at once on rows sorted by expert
+    (offs_E: each expert's end row)."""
+    if impl == "loop":  # reference: one pass per expert over the tokens that chose it
+        out_ND = torch.zeros_like(x_ND)
+        for e in range(n_experts):
+            tok, slot = torch.where(idx_Nk == e)
+            if tok.numel():
+                out_ND.index_add_(0, tok, swiglu(proj, e, x_ND[tok]) * w_Nk[tok, slot, None].to(x_ND.dtype))
+        return out_ND
+    if impl != "grouped":
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
+    # Sort the N*k (token, expert) pairs by expert: each expert's rows become one contiguous segment.
+    N, k = idx_Nk.shape
+    flat_M = idx_Nk.flatten()
+    order_M = torch.argsort(flat_M, stable=True)
+    tok_M = order_M // k
+    counts_E = torch.bincount(flat_M, minlength=n_experts)
+    x_MD = x_ND[tok_M]
+    if grouped_gemm is not None and N * k >= n_experts:
+        y_MD = grouped_gemm(x_MD, counts_E.cumsum(0).to(torch.int32))
+    else:
+        # Decode-sized (fewer pairs than experts: grouped_mm would still run an empty GEMM per expert on CPU), or no
+        # grouped GEMM for these weights: one expert at a time, only those some token chose.
+        y_MD = torch.empty_like(x_MD)
+        m0 = 0
+        for e, c in enumerate(counts_E.tolist()):
+            if c:
+                y_MD[m0:m0 + c] = swiglu(proj, e, x_MD[m0:m0 + c])
+                m0 += c
+    y_MD = y_MD * w_Nk.flatten()[order_M, None].to(y_MD.dtype)
+    return torch.zeros_like(x_ND).index_add_(0, tok_M, y_MD)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked [E, ...] weights (the checkpoint keeps one tensor per expert)."""
 
@@ -57,50 +101,16 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, Fw, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, Fw))
 
+    def proj(self, x_MI: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        return x_MI @ getattr(self, name)[e].t()
+
+    def grouped_gemm(self, x_MD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        g_MF = F.grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offs=offs_E)
+        u_MF = F.grouped_mm(x_MD, self.up_proj.transpose(1, 2), offs=offs_E)
+        return F.grouped_mm(F.silu(g_MF) * u_MF, self.down_proj.transpose(1, 2), offs=offs_E)
+
     def forward(self, x_ND, w_Nk, idx_Nk, impl: str = "grouped"):
-        if impl == "loop":
-            return self._loop(x_ND, w_Nk, idx_Nk)
-        if impl != "grouped":
-            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
-        return self._grouped(x_ND, w_Nk, idx_Nk)
-
-    def _loop(self, x_ND, w_Nk, idx_Nk):
-        """Reference: one pass per expert over the tokens that chose it."""
-        out_ND = torch.zeros_like(x_ND)
-        for e in range(self.gate_proj.shape[0]):
-            tok, slot = torch.where(idx_Nk == e)
-            if tok.numel() == 0:
-                continue
-            xe = x_ND[tok]
-            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-            out_ND.index_add_(0, tok, (h @ self.down_proj[e].t()) * w_Nk[tok, slot, None].to(x_ND.dtype))
-        return out_ND
-
-    def _grouped(self, x_ND, w_Nk, idx_Nk):
-        """Sort the N*k (token, expert) pairs by expert, then one grouped matmul per projection."""
-        N, k = idx_Nk.shape
-        E = self.gate_proj.shape[0]
-        flat = idx_Nk.flatten()
-        order = torch.argsort(flat, stable=True)
-        tok_M = order // k
-        offs_E = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
-        x_MD = x_ND[tok_M]
-        if N * k < E:
-            # Decode-sized: fewer pairs than experts. grouped_mm would still run a (empty) GEMM per expert on CPU;
-            # one matmul per expert actually chosen is cheaper.
-            experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-            parts, m0 = [], 0
-            for e, c in zip(experts.tolist(), counts.tolist()):
-                xe = x_MD[m0:m0 + c]
-                parts.append((F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())) @ self.down_proj[e].t())
-                m0 += c
-            y_MD = torch.cat(parts)
-        else:
-            g = F.grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offs=offs_E)
-            u = F.grouped_mm(x_MD, self.up_proj.transpose(1, 2), offs=offs_E)
-            y_MD = F.grouped_mm(F.silu(g) * u, self.down_proj.transpose(1, 2), offs=offs_E)
-        y_MD = y_MD * w_Nk.flatten()[order, None].to(y_MD.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, tok_M, y_MD)
+        return dispatch(x_ND, w_Nk, idx_Nk, self.gate_proj.shape[0], self.proj, impl, self.grouped_gemm)
 
 
 class MoE(nn.Module):

@@ -1,11 +1,12 @@
-"""Block-wise FP8 in the GLM-5-FP8 format (GLM5.md §2): e4m3 weights with one float32 `weight_scale_inv` per
-128x128 block (edge blocks where a dimension is not a multiple of 128), dequantized as w * scale_inv.
+"""Block-wise FP8 in the GLM-5-FP8 format, the DeepSeek-V3 one (deepseek-ai/DeepSeek-V3 inference/kernel.py
+`weight_dequant`): e4m3 weights with one float32 `weight_scale_inv` per 128x128 block (edge blocks where a dimension
+is not a multiple of 128), dequantized as w * scale_inv.
 
 Modules that keep FP8 in memory exactly as the checkpoint stores it:
   - FP8Linear: `weight` (float8_e4m3fn [O, I]) and `weight_scale_inv` (float32 [ceil(O/bo), ceil(I/bi)]), buffers
     under the checkpoint's own names;
-  - FP8Experts: the routed experts, stacked like glm5.model.moe.Experts ([E, F, D] e4m3 + [E, ., .] scales), same
-    forward signature.
+  - FP8Experts: the routed experts, stacked like glm5.model.moe.Experts ([E, F, D] e4m3 + [E, ., .] scales); the
+    routing of tokens to experts is glm5.model.moe.dispatch for both.
 Both are buffers, not parameters: nothing trains them, optimizers and `GLM5.cast_` never touch them, and
 `.to(dtype)` / `.float()` move them between devices but never change their dtype (see `_keep_dtypes`).
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.moe import dispatch
 from . import kernels
 
 log = logging.getLogger("glm5.quant")
@@ -37,7 +39,6 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn
 BLOCK = (128, 128)
 LINEAR_IMPLS = ("fast", "reference")
-MOE_IMPLS = ("grouped", "loop")  # as glm5.model.moe: how tokens are routed to experts, not how a matmul is done
 
 
 # -- the format --------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def linear_fast(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block=BLOCK, 
         try:
             y = _linear_scaled_mm(x.reshape(-1, I), q, s).view(*lead, O)
             return y if bias is None else y + bias
-        except RuntimeError as e:  # untested here (no sm90 GPU): say so once and keep a correct path
+        except RuntimeError as e:  # the CPU test suite never runs this: say so once and keep a correct path
             _SCALED_MM_FAILED.add(x.device.index)
             log.warning("FP8: scaled_mm failed on %s (%s); dequantizing instead", x.device, e)
     if x.device.type == "cpu":
@@ -138,7 +139,7 @@ def _scaled_mm_ok(device: torch.device, shape, block) -> bool:
 
 
 def _linear_scaled_mm(x_NI: torch.Tensor, q_OI: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """UNTESTED here (CPU-only machine). x quantized per token per 128 channels (the release's dynamic scheme);
+    """Not run by the CPU test suite. x quantized per token per 128 channels (the release's dynamic scheme);
     cuBLAS wants the activation scales outer-dim-major, the token count a multiple of 4 and the weight scale's
     K-blocks a multiple of 4 (zero-padded)."""
     N = x_NI.shape[0]
@@ -209,8 +210,8 @@ class FP8Linear(nn.Module):
 
 class FP8Experts(nn.Module):
     """Routed experts with e4m3 weights: buffers gate_proj / up_proj [E, F, D], down_proj [E, D, F], each with a
-    `<name>_scale_inv` [E, ceil(./bo), ceil(./bi)]. Same forward as glm5.model.moe.Experts; only the experts some
-    token chose are touched, one matmul per projection each (there is no FP8 grouped GEMM on CPU)."""
+    `<name>_scale_inv` [E, ceil(./bo), ceil(./bi)]. Same forward as glm5.model.moe.Experts, through the FP8 linear;
+    with no FP8 grouped GEMM (none on CPU), "grouped" runs one expert at a time over its sorted rows."""
 
     PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -235,41 +236,14 @@ class FP8Experts(nn.Module):
             getattr(m, f"{name}_scale_inv").copy_(s)
         return m
 
-    def _lin(self, x, name: str, e: int):
-        if self.impl not in _LINEARS:
-            raise ValueError(f"FP8Experts.impl must be one of {LINEAR_IMPLS}, got {self.impl!r}")
-        return _LINEARS[self.impl](x, getattr(self, name)[e], getattr(self, f"{name}_scale_inv")[e], self.block,
+    def proj(self, x_MI: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        return _LINEARS[self.impl](x_MI, getattr(self, name)[e], getattr(self, f"{name}_scale_inv")[e], self.block,
                                    self.act_quant)
 
-    def expert(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
-        return self._lin(F.silu(self._lin(x_MD, "gate_proj", e)) * self._lin(x_MD, "up_proj", e), "down_proj", e)
-
     def forward(self, x_ND, w_Nk, idx_Nk, impl: str = "grouped"):
-        if impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {impl!r}")
-        out_ND = torch.zeros_like(x_ND)
-        if impl == "loop":  # reference routing: one pass per expert over the tokens that chose it
-            for e in range(self.gate_proj.shape[0]):
-                tok, slot = torch.where(idx_Nk == e)
-                if tok.numel():
-                    y = self.expert(e, x_ND[tok]) * w_Nk[tok, slot, None].to(x_ND.dtype)
-                    out_ND.index_add_(0, tok, y)
-            return out_ND
-        # grouped: sort the N*k (token, expert) pairs by expert once, then one contiguous segment per used expert
-        N, k = idx_Nk.shape
-        flat = idx_Nk.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        tok_M = order // k
-        x_MD = x_ND[tok_M]
-        w_M1 = w_Nk.flatten()[order, None].to(x_ND.dtype)
-        y_MD = torch.empty_like(x_MD)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                y_MD[start: start + c] = self.expert(e, x_MD[start: start + c])
-                start += c
-        return out_ND.index_add_(0, tok_M, y_MD * w_M1)
+        if self.impl not in _LINEARS:
+            raise ValueError(f"FP8Experts.impl must be one of {LINEAR_IMPLS}, got {self.impl!r}")
+        return dispatch(x_ND, w_Nk, idx_Nk, self.gate_proj.shape[0], self.proj, impl)
 
     def dequantized(self, name: str, dtype=torch.float32) -> torch.Tensor:
         return dequantize(getattr(self, name), getattr(self, f"{name}_scale_inv"), self.block, dtype)
