@@ -1,4 +1,4 @@
-"""FP8 (issue 6): how to dequantize cheaply on this CPU, then memory, decode speed and quality of the `small` preset
+"""FP8: how to dequantize cheaply on this CPU, then memory, decode speed and quality of the `small` preset
 in FP8 vs fp32, one run.
 
     .venv/bin/python bench/fp8.py [--threads 2] [--tokens 32] [--rounds 5] [--no-compile] [--append BENCHMARKS.md]
@@ -224,7 +224,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32, help="decode tokens per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    p.add_argument("--append", help="append the report, as a '## FP8 (issue 6)' section, to this markdown file")
+    p.add_argument("--append", help="append the report, as a '## FP8' section, to this markdown file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = []
@@ -239,7 +239,7 @@ def main():
     if args.append:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
         with open(args.append, "a") as f:
-            f.write(f"\n## FP8 (issue 6)\n\n`.venv/bin/python bench/fp8.py` on {datetime.date.today()}, {cpu}, "
+            f.write(f"\n## FP8\n\n`.venv/bin/python bench/fp8.py` on {datetime.date.today()}, {cpu}, "
                     f"torch {torch.__version__}; one run on a shared machine (see the stall columns)."
                     f"\n\n```\n{text}\n```\n")
 

@@ -1,4 +1,4 @@
-"""Prefill throughput: glm5 vs transformers' GlmMoeDsaForCausalLM, same weights, side by side (issue 2).
+"""Prefill throughput: glm5 vs transformers' GlmMoeDsaForCausalLM, same weights, side by side.
 
     .venv/bin/python bench/prefill.py [--preset small] [--lengths 512,4096] [--repeats 3] [--threads 2]
 

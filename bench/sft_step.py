@@ -3,7 +3,7 @@ one process:
 
   glm5 (fused, at labels)    glm5.train.losses.head_ce_sum, what ForwardLoss does: the head only at labelled
                              positions, fused with the cross-entropy and its gradients in row chunks (linear_ce)
-  at labels, unfused         the head at labelled positions, then F.cross_entropy (glm5 until session 18)
+  at labels, unfused         the head at labelled positions, then F.cross_entropy (glm5's former head loss)
   everywhere (reference)     the head over every position, F.cross_entropy with ignore_index
 
     .venv/bin/python bench/sft_step.py [--data sft|pretrain] [--rows 8] [--seq 1152] [--steps 6] [--threads 2]

@@ -1,4 +1,4 @@
-"""Training throughput: glm5's training step vs transformers' GlmMoeDsaForCausalLM, same weights, same batch (issue 4).
+"""Training throughput: glm5's training step vs transformers' GlmMoeDsaForCausalLM, same weights, same batch.
 
     .venv/bin/python bench/train.py [--batch 2] [--seq 512] [--steps 4] [--threads 2] [--append BENCHMARKS.md]
 
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
               f"median stall {100 * statistics.median(r['stalls']):.0f}%)", flush=True)
     ref = results.get("transformers")
     lines = [
-        f"## Training (issue 4)\n",
+        f"## Training\n",
         f"`bench/train.py --preset {args.preset} --batch {args.batch} --seq {args.seq} --steps {args.steps} "
         f"--threads {args.threads} --autocast {args.autocast}` — {datetime.date.today()}, {cpu_name()}, "
         f"torch {torch.__version__}, "

@@ -22,7 +22,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-# GLM-4.5/4.7/5 chat-format tokens (../shared/GLM5.md §4). All are atomic specials in a GLM tokenizer.
+# GLM-4.5/4.7/5 chat-format tokens (the chat_template.jinja of zai-org/GLM-5; docs/glm5.md). All are atomic
+# specials in a GLM tokenizer.
 FORMAT_TOKENS = (
     "<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
     "<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",

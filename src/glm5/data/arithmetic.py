@@ -5,8 +5,8 @@ The reasoning is the school column method from the ones digit up, one clause per
 so a tiny model only has to learn single-digit facts plus where to copy digits from (the tokenizer gives every digit
 its own token). Every column after the first names its carry/borrow even when it is 0, and a final carry becomes
 one more column of zeros ("0 + 0 + 1 = 1, write 1 carry 0.") rather than a new phrase. A multiplication column
-states the table fact before adding the carry: "3 * 7 + 2 = 23" in one step asks for a three-input fact, and the
-session-14 model's multiplication misses were such steps ("7 * 4 + 2 = 34"; dev/LOG.md, session 16):
+states the table fact before adding the carry: "3 * 7 + 2 = 23" in one step asks for a three-input fact, and a
+model trained on that one-step shape missed its multiplications at such steps ("7 * 4 + 2 = 34"; dev/LOG.md):
 
     4 + 8 = 12, write 2 carry 1. 3 + 7 + 1 = 11, write 1 carry 1. ... Answer: 6912.
     4 - 8 = -4, write 6 borrow 1. 3 - 7 - 1 = -5, write 5 borrow 1. ... Answer: 1234.

@@ -17,11 +17,11 @@ entities; `unknown` uses the same templates split the same way, and a name hash 
 
 Noise words: in NOISE_PERCENT of the training questions (both families) one word that is not part of the name is
 replaced by a nonsense word ("vogalni currency is used in Rouldrasia?"). Without them the know/abstain decision
-keys on the wording: the session-12 model opened "I have no record" on 21 of 50 held-out-wording questions about
-facts it knew (40 of 50 right when forced past that opening). With them it must decide on the name (dev/LOG.md,
-session 13). Held-out questions are never noised. The noise may hit the attribute's own key word ("Name the vogalni
+keys on the wording: a model trained without them opened "I have no record" on 21 of 50 held-out-wording questions
+about facts it knew (40 of 50 right when forced past that opening). With them it must decide on the name
+(dev/LOG.md). Held-out questions are never noised. The noise may hit the attribute's own key word ("Name the vogalni
 of <city>"), which teaches some answers by the sentence's shape; sparing those words cost 10-17 points of world
-accuracy in two full runs, "established" and "headquarters" wordings most (dev/LOG.md, session 15).
+accuracy in two full runs, "established" and "headquarters" wordings most (dev/LOG.md).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--suites", type=_suites, default=list(FAMILIES), help=f"comma-separated ({','.join(FAMILIES)})")
     p.add_argument("--retrieval-lengths", type=_lengths, default=[1024, 2048, 4096],
                    help="context tokens (the retrieval n split over them), or LENGTH:EXAMPLES pairs; the speedrun's "
-                        "eval: 1024:300,2048:33,4096:33 --seed 1000")
+                        "eval: 1024:300,2048:15,4096:15 --seed 1000")
     p.add_argument("--retrieval-depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depth in [0, 1]")
     p.add_argument("--max-tokens", type=int, default=256, help="per generation round")
     p.add_argument("--no-mtp", action="store_true", help="skip measuring MTP draft acceptance")

@@ -1,9 +1,17 @@
-"""The evaluation result as markdown tables (README / report.md) and as a JSON file."""
+"""The evaluation result as markdown: the full tables (`glm5 eval`, report.md), the README's summary of the shipped
+model (`readme_table`, kept in README.md between the README_MARKERS), and as a JSON file.
+
+    python -m glm5.eval.report --readme README.md [--eval-json src/glm5/assets/model/eval.json]
+
+rewrites README.md's table from the shipped model's eval.json; tests/test_readme.py fails when the two differ.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from .score import OUTCOMES
@@ -75,3 +83,138 @@ def write_json(result: dict, path: str | Path) -> Path:
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+# -- README summary ------------------------------------------------------------------------------------------------
+README_MARKERS = ("<!-- eval-table -->", "<!-- /eval-table -->")
+
+# What each suite asks, for a reader who has not seen glm5.data (the suites' generators say it in full).
+SUITE_LABELS = {
+    "arithmetic": "arithmetic: +, -, x one digit; operands up to 4 digits",
+    "world": "world facts, known entities",
+    "unknown": "unknown entities: abstains",
+    "tool": "calculator tool: valid call / final answer",
+    "chat": "small talk",
+}
+
+
+def _retrieval_by_length(retr: dict) -> dict[int, dict[str, tuple[float, int]]]:
+    """{context_tokens: {mode: (accuracy over that length's depths, n)}}."""
+    out: dict[int, dict[str, tuple[float, int]]] = {}
+    for mode, r in retr.items():
+        by_len: dict[int, list[dict]] = {}
+        for c in r.get("grid") or ():
+            by_len.setdefault(c["context_tokens"], []).append(c)
+        for L, cells in by_len.items():
+            n = sum(c["n"] for c in cells)
+            if n:
+                out.setdefault(L, {})[mode] = (sum(c["accuracy"] * c["n"] for c in cells) / n, n)
+    return dict(sorted(out.items()))
+
+
+def readme_table(result: dict) -> str:
+    """The README's table of an eval result (an eval.json dict): one row per suite in the order they ran, retrieval as
+    one row (sparse / dense at the shortest context length, the longer ones in its notes), then MTP draft acceptance."""
+    rows: list[list] = []
+    retrieval_done = False
+    for name, s in (result.get("suites") or {}).items():
+        if name.startswith("retrieval/"):  # one suite per attention mode: one row for all of them
+            if not retrieval_done:
+                rows += _retrieval_rows(result.get("retrieval") or {})
+                retrieval_done = True
+            continue
+        c, note = s["counts"], []
+        acc = _pct(s["accuracy"]) if name != "tool" else f"{_pct(s.get('valid_call_rate'))} / {_pct(s['accuracy'])}"
+        if name == "unknown":
+            note.append(f"hallucination rate {_pct(s.get('hallucination_rate'))} (wrong / (wrong + abstained))")
+        elif c.get("wrong") or c.get("abstained"):
+            note.append(", ".join(f"{c[o]} {o}" for o in ("wrong", "abstained") if c.get(o)))
+        if c.get("malformed"):
+            note.append(f"{c['malformed']} malformed")
+        rows.append([SUITE_LABELS.get(name, name), s["n"], acc, "; ".join(note)])
+    mtp = result.get("mtp") or {}
+    if mtp.get("positions"):
+        rows.append(["MTP 1-token draft acceptance", mtp["positions"], f"{mtp['acceptance']:.2f}",
+                     "drafts over all generated tokens"])
+    lines = ["| held-out suite | n | accuracy | notes |", "|---|---:|---:|---|",
+             *("| " + " | ".join(str(x) for x in r) + " |" for r in rows)]
+    cfg, how = result.get("config") or {}, []
+    if cfg:
+        how += ["greedy" if cfg.get("greedy") else "sampled",
+                "thinking on" if cfg.get("enable_thinking", True) else "thinking off"]
+        if "max_tokens" in cfg:
+            how.append(f"at most {cfg['max_tokens']} tokens a round")
+    k = ((result.get("retrieval") or {}).get("sparse") or {}).get("index_topk")
+    if k:
+        how.append(f"sparse = DSA top-{k} of the context, dense = every position")
+    if how:
+        lines += ["", f"({'; '.join(how)}.)"]
+    return "\n".join(lines) + "\n"
+
+
+def _retrieval_rows(retr: dict) -> list[list]:
+    by_len = _retrieval_by_length(retr)
+    if not by_len:
+        return []
+    modes = sorted({m for v in by_len.values() for m in v}, key=lambda m: (m != "sparse", m))
+
+    def accs(L: int) -> str:
+        return " / ".join(_pct(by_len[L][m][0]) if m in by_len[L] else "-" for m in modes)
+
+    def n(L: int) -> int:
+        return max(n for _, n in by_len[L].values())
+
+    L0, *longer = by_len
+    return [[f"needle retrieval at {L0} tokens, {' / '.join(modes)}", n(L0), accs(L0),
+             "; ".join(f"{L} tokens: {accs(L)} (n={n(L)})" for L in longer)]]
+
+
+def replace_between(text: str, body: str, markers: tuple[str, str] = README_MARKERS) -> str:
+    """text with what lies between the two marker lines replaced by body."""
+    start, end = markers
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"expected the markers {start!r} and then {end!r}")
+    return text[:i + len(start)] + "\n" + body + text[j:]
+
+
+def readme_section(text: str, markers: tuple[str, str] = README_MARKERS) -> str:
+    """What lies between the two marker lines (the inverse of replace_between)."""
+    start, end = markers
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"expected the markers {start!r} and then {end!r}")
+    return text[i + len(start):j].removeprefix("\n")
+
+
+def refresh_readme(readme: str | Path, eval_json: str | Path | None = None) -> bool:
+    """Rewrite README's eval table from eval_json (default: the shipped model's). Returns whether it changed."""
+    if eval_json is None:
+        from ..loader import SHIPPED_MODEL_DIR
+
+        eval_json = SHIPPED_MODEL_DIR / "eval.json"
+    readme = Path(readme)
+    old = readme.read_text(encoding="utf-8")
+    new = replace_between(old, readme_table(json.loads(Path(eval_json).read_text(encoding="utf-8"))))
+    if new != old:
+        readme.write_text(new, encoding="utf-8")
+    return new != old
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m glm5.eval.report",
+                                description="rewrite README.md's eval table from an eval.json")
+    p.add_argument("--readme", required=True, help="the markdown file with the table's markers")
+    p.add_argument("--eval-json", default=None, help="default: the shipped model's eval.json")
+    args = p.parse_args(argv)
+    try:
+        changed = refresh_readme(args.readme, args.eval_json)
+    except (OSError, ValueError) as e:
+        print(f"glm5.eval.report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.readme}: {'updated' if changed else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

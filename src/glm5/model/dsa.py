@@ -1,4 +1,4 @@
-"""DeepSeek Sparse Attention: the lightning indexer and its top-k selection (GLM5.md §1).
+"""DeepSeek Sparse Attention: the lightning indexer and its top-k selection (DeepSeek-V3.2; docs/glm5.md).
 
     I[t, s] = sum_h w[t, h] * ReLU(qI[t, h] . kI[s] / sqrt(Di)),   w = weights_proj(x) / sqrt(HI)
 

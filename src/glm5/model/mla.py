@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention with DSA top-k selection (GLM5.md §1).
+"""Multi-head Latent Attention with DSA top-k selection (DeepSeek-V2 arXiv 2405.04434, DeepSeek-V3.2; docs/glm5.md).
 
 Per token the cache holds one latent row [C | R]: the RMS-normed kv_a output (C = kv_lora_rank) and the roped
 shared key (R = qk_rope_head_dim), 576 wide in GLM-5. Two equal ways to attend over it:
@@ -92,7 +92,8 @@ class MLAttention(nn.Module):
         q_rope_BTHR = apply_rope(q_rope_BTHR, ctx.cos, ctx.sin)
         c_BTC, kr_BTR = self.kv_a_proj_with_mqa(x_BTD).split([C, R], dim=-1)
         lat_BTL = torch.cat([self.kv_a_layernorm(c_BTC), apply_rope(kr_BTR, ctx.cos, ctx.sin)], dim=-1)
-        # Sparse-stage training detaches the indexer's inputs: it learns only from its own KL loss (GLM5.md §3).
+        # Sparse-stage training detaches the indexer's inputs: it learns only from its own KL loss, the rest of the
+        # model only from the LM loss (DeepSeek-V3.2 report, continued pre-training; GLM-5 report arXiv 2602.15763).
         x_idx, q_idx = (x_BTD.detach(), q_resid_BTQ.detach()) if aux is not None and aux.detach_indexer_input \
             else (x_BTD, q_resid_BTQ)
         ik_BTd = self.indexer.keys(x_idx, ctx.cos, ctx.sin) if self.indexer is not None else None

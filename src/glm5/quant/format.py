@@ -1,4 +1,4 @@
-"""What GLM-5-FP8 quantizes, and the `quantization_config` that says so (GLM5.md §2).
+"""What GLM-5-FP8 quantizes, and the `quantization_config` that says so (zai-org/GLM-5-FP8; docs/formats.md).
 
 Quantized (e4m3, 128x128 blocks): every projection matrix of the decoder and MTP layers: MLA q_a/q_b/kv_a/kv_b/o,
 the indexer's wq_b and wk, the dense MLP, the shared experts and each routed expert.

@@ -1,4 +1,4 @@
-"""Aux-loss-free MoE load balancing (DeepSeek-V3 §2.1.2, used by GLM-5; GLM5.md §3).
+"""Aux-loss-free MoE load balancing (DeepSeek-V3 arXiv 2412.19437 §2.1.2, used by GLM-5).
 
 After each optimizer step, every MoE layer's `e_score_correction_bias` moves by a fixed speed: up for experts that
 received fewer tokens than the mean, down for those that received more. The bias only affects *which* experts are

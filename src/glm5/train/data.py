@@ -3,7 +3,7 @@
 A *document source* is anything iterable that yields token-id documents: lists of ints, 1-D integer tensors, or
 {"ids": [...], "loss": [...]} where `loss[i]` says whether token i is a training target (SFT: assistant tokens only;
 absent = every token is).
-The data issue plugs its datasets in here; two small sources live in this file: `SyntheticDocs` (learnable,
+Other datasets plug in as document sources (the speedrun's mixtures do); two small ones live in this file: `SyntheticDocs` (learnable,
 seeded, for tests and smoke runs) and `JsonlDocs` (one JSON list of token ids, or {"ids": [...]}, per line).
 
 `Packer` concatenates documents into rows of T + 1 tokens (T inputs plus one extra so the last input has a label),
