@@ -150,8 +150,8 @@ def test_run_to_completion_is_what_generate_and_the_eval_use():
     from glm5.eval.run import _generate
 
     model = _model()
-    prompts = [[5, 6, 7, 8], [9, 10], list(range(20, 50))]
-    greedy = SamplingParams(temperature=0, max_tokens=6)
+    prompts = [[5, 6, 7, 8], [9, 10], list(range(20, 38))]
+    greedy = SamplingParams(temperature=0, max_tokens=5)
     ref = [c[0].token_ids for c in Engine(model, num_blocks=64, block_size=4, eos_token_ids=[]).generate(
         prompts, greedy)]
     eng = Engine(model, num_blocks=64, block_size=4, eos_token_ids=[])
@@ -159,7 +159,7 @@ def test_run_to_completion_is_what_generate_and_the_eval_use():
     for i, o in run_to_completion(eng, prompts, greedy):
         streamed[i] += o.new_token_ids
     assert [streamed[i] for i in range(3)] == ref
-    outs = _generate(eng, prompts, 6, hidden=True)
+    outs = _generate(eng, prompts, 5, hidden=True)
     assert [o[0] for o in outs] == ref and all(o[1] == "length" for o in outs)
     # hidden states of every token fed: the prompt and all outputs but the last, as a full forward computes them
     for p, (ids, _, h) in zip(prompts, outs):
