@@ -149,6 +149,12 @@ def test_serve_without_config_json_says_so_in_one_line(tmp_path, capsys):
     assert main(["serve", "--model", str(d), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err == f"glm5 serve: error: {d}: no config.json, so not a checkpoint directory\n"  # a path, not a repr
+    assert main(["serve", "--model", "tiny", "--tokenizer", str(d), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"glm5 serve: error: {d}: no tokenizer.json") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["serve", "--cache-mib", "0"])
+    assert "argument --cache-mib: '0' is not a positive integer" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- strict request types

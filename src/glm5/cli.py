@@ -25,13 +25,24 @@ def port_number(text: str) -> int:
     return port
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return n
+
+
 def add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", default=None, help="checkpoint directory or preset (tiny, small; random weights). "
                    "Default: the model shipped in the package, else the untrained 'small' preset")
     s.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's, or the "
                    "shipped tokenizer for presets)")
     s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    s.add_argument("--cache-mib", type=int, default=None, help="KV cache size in MiB (default: room for every "
+    s.add_argument("--cache-mib", type=positive_int, default=None, help="KV cache size in MiB (default: room for every "
                    "admitted sequence at the model's full context, at most half the free memory on a CPU, 90%% on "
                    "a GPU)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -84,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, TokenizerError) as e:
-        print(f"glm5 {args.cmd}: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, TokenizerError, FileNotFoundError) as e:
+        # one line naming the file; an OSError's own text would show the path as a repr
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
+        print(f"glm5 {args.cmd}: error: {msg}", file=sys.stderr)
         return 2
 
 
