@@ -1,4 +1,4 @@
-"""Decode: the glm5 engine vs transformers' `generate`, same weights, side by side (issue 3).
+"""Decode: the glm5 engine vs transformers' `generate`, same weights, side by side.
 
     .venv/bin/python bench/decode.py [--preset small] [--contexts 512,8192] [--gen 32] [--threads 2]
 

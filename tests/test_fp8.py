@@ -405,9 +405,9 @@ def trained_fp8_metrics():
     "served" are the positions whose next token the model writes when it is served (the SFT loss targets: its
     reasoning, answers, tool calls and the stop token), ~1.5k of them; "all" adds those predicting text it only
     reads (system prompt, user turns, tool results). There the model's distribution is broad (a user's next digit),
-    so near-ties flip under any perturbation: the session-19 model agrees on 99.7% of the served positions (KL
-    9.8e-4) and 98.8% of all (KL 3.1e-3); the session-17 model 100% (1.7e-4) and 98.5% (4.9e-3); the session-14
-    model 99.9% (2.8e-4) and 99.4% (3.6e-3) (dev/LOG.md)."""
+    so near-ties flip under any perturbation: the shipped model agrees on 99.7% of the served positions (KL
+    9.8e-4) and 98.8% of all (KL 3.1e-3); the models shipped before it on 99.9-100% of the served positions and
+    98.5-99.4% of all (dev/LOG.md)."""
     from glm5.data import examples
     from glm5.tokenizer import Tokenizer
     from glm5.train.sft import chat_doc
@@ -431,14 +431,14 @@ def trained_fp8_metrics():
 
 
 def test_trained_model_top1_and_kl_on_served_text(trained_fp8_metrics):
-    """Issue 6's targets, on the tokens the model writes: top-1 agreement >= 99% and mean KL <= 1e-3."""
+    """The FP8 targets, on the tokens the model writes: top-1 agreement >= 99% and mean KL <= 1e-3."""
     top1, kl = trained_fp8_metrics["served"]
     assert top1 >= 0.99 and kl <= 1e-3, trained_fp8_metrics
 
 
 def test_trained_model_on_all_positions(trained_fp8_metrics):
     """A regression guard on every position, read text included (the models shipped so far: top-1 98.5-99.6%, KL
-    1.4e-3 to 4.9e-3; dev/LOG.md): the issue's 99% / 1e-3 is not met there, see the fixture."""
+    1.4e-3 to 4.9e-3; dev/LOG.md): the 99% / 1e-3 target is not met there, see the fixture."""
     top1, kl = trained_fp8_metrics["all"]
     assert top1 >= 0.98 and kl <= 1e-2, trained_fp8_metrics
 

@@ -1,7 +1,7 @@
 """Training losses, each a short function, and `ForwardLoss`: the one module a training step calls (so DDP and FSDP2
 see a single forward), returning the stage's total loss plus detached statistics.
 
-Stages (GLM5.md §3):
+Stages (GLM-5's DSA recipe, after DeepSeek-V3.2: dense warm-up of the indexers, then sparse training):
   pretrain    dense attention (MLA), indexers frozen; loss = LM + MTP + sequence-wise balance
   dsa_warmup  dense attention, only the indexers train; loss = KL(main attention || softmax(index scores)) over the
               visible keys of each query
