@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from glm5.tokenizer import DEFAULT_TOKENIZER_DIR, FORMAT_TOKENS, IncrementalDetokenizer, Tokenizer, TokenizerError
-from glm5.tokenizer_train import DEFAULT_VOCAB_SIZE, build_default_tokenizer, train_bpe_tokenizer
+from glm5.tokenizer_train import build_default_tokenizer, train_bpe_tokenizer
 
 TEXTS = [
     "Hello, world! def f(x):\n    return x ** 2  # square\n",
@@ -181,7 +181,7 @@ def test_rebuild_matches_shipped(tmp_path):
 
 
 def test_from_dir_files(tmp_path, tok):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
     tok.save(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{{ messages[0].content }}")

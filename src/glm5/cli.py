@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, CheckpointError, TokenizerError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, TokenizerError) as e:
         # one line naming the file; an OSError's own text would show the path as a repr
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else e
         print(f"glm5 {args.cmd}: error: {msg}", file=sys.stderr)

@@ -261,5 +261,5 @@ def resolve_config(name_or_path: str | Path) -> ModelConfig:
         return PRESETS[name_or_path]()
     p = Path(name_or_path)
     if not p.exists():
-        raise ConfigError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+        raise ConfigError(f"{name_or_path} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
     return ModelConfig.from_hf(p)

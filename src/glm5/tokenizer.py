@@ -116,7 +116,7 @@ class Tokenizer:
         p = Path(path)
         tj = p / "tokenizer.json"
         if not tj.is_file():
-            raise FileNotFoundError(f"{p}: no tokenizer.json (only the HF fast-tokenizer format is supported; "
+            raise TokenizerError(f"{p}: no tokenizer.json (only the HF fast-tokenizer format is supported; "
                                     f"convert a sentencepiece/tiktoken vocabulary with transformers first)")
         config = {}
         if (cfg_path := p / "tokenizer_config.json").is_file():

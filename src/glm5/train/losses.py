@@ -18,7 +18,6 @@ Letters: B rows, T tokens, S key slots, V vocab, N = B*T routed tokens, E expert
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model import ForwardAux
