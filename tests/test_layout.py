@@ -131,3 +131,14 @@ if [ "$1 $2 $3" = "-m pip install" ]; then echo "Collecting something-from-pip";
     log.unlink()
     again = subprocess.run(["bash", "scripts/setup.sh", "test"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert again.returncode == 0 and again.stdout == "" and again.stderr == "" and not log.exists()
+
+
+def test_no_two_classes_share_a_name():
+    """A name means one thing across the package (a reader who meets `Run` knows which one)."""
+    where: dict[str, list[str]] = {}
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(module_name(p))
+    dup = {k: v for k, v in where.items() if len(v) > 1}
+    assert not dup, dup

@@ -18,9 +18,9 @@ import glm5
 from glm5.config import tiny
 from glm5.engine import Engine, SamplingParams
 from glm5.rl import loop as rl_loop
-from glm5.rl.loop import RLConfig, RLError, Run, check_config
+from glm5.rl.loop import RLConfig, RLError, RLRun, check_config
 from glm5.rl.rollout import Rollout
-from glm5.rl.trainer import TrainConfig, _pack, sample_logprobs
+from glm5.rl.trainer import RLTrainConfig, _pack, sample_logprobs
 from glm5.rl.worker import RolloutWorker, WorkerConfig
 from glm5.tokenizer import Tokenizer
 
@@ -57,7 +57,7 @@ def ckpt(tmp_path_factory):
 def config(ckpt, out, **kw) -> RLConfig:
     base = dict(model=str(ckpt), out_dir=str(out), steps=3, groups_per_step=2, group_size=4, families=("arithmetic",),
                 reward="tests.test_rl_loop:first_token_parity", max_tokens=6, rollout_threads=1, train_threads=1,
-                checkpoint_every=100, progress=False, train=TrainConfig(lr=1e-3))
+                checkpoint_every=100, progress=False, train=RLTrainConfig(lr=1e-3))
     return RLConfig(**{**base, **kw})
 
 
@@ -72,7 +72,7 @@ def metrics(out) -> list[dict]:
 def test_async_at_staleness_0_trains_the_same_weights_as_sync(ckpt, tmp_path):
     runs = {}
     for mode, tau in (("sync", 2), ("async", 0)):
-        r = Run(config(ckpt, tmp_path / mode, mode=mode, max_staleness=tau))
+        r = RLRun(config(ckpt, tmp_path / mode, mode=mode, max_staleness=tau))
         summary = r.run()
         assert summary["buffer"]["trained"] == 6 and summary["steps"] == 3
         runs[mode] = (weights(r), metrics(tmp_path / mode))
@@ -95,7 +95,7 @@ def test_slow_trainer_never_trains_past_the_staleness_bound(ckpt, tmp_path, monk
         return real(*a, **kw)
 
     monkeypatch.setattr(rl_loop, "train_step", slow)
-    run = Run(config(ckpt, tmp_path, mode="async", max_staleness=1, steps=4))
+    run = RLRun(config(ckpt, tmp_path, mode="async", max_staleness=1, steps=4))
     summary = run.run()
     ms = metrics(tmp_path)
     assert max(s for m in ms for s in m["staleness"]) <= 1

@@ -40,6 +40,11 @@ def test_every_stage_ran_and_continued_without_redoing(ci_run):
         used[stage] = json.loads((ck / "trainer_state.json").read_text())["config"]["optimizer"]
     assert used == {s: getattr(CI, s).optimizer for s in used} and len(set(used.values())) == 2
 
+    # the RL stage trained from dsa_align's model, and the export is its model
+    rl = json.loads((out / "rl" / "done.json").read_text())
+    assert rl["steps"] == CI.rl.steps and rl["buffer"]["trained"] == CI.rl.steps * CI.rl.groups_per_step
+    assert json.loads((out / "export" / "done.json").read_text())["from"] == "rl"
+
 
 def test_exported_model_loads_and_generates(ci_run):
     from glm5 import load_model

@@ -10,9 +10,9 @@ from pathlib import Path
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from .loop import MODES, RLConfig
-    from .trainer import TrainConfig
+    from .trainer import RLTrainConfig
 
-    d, t = RLConfig(model="", out_dir=""), TrainConfig()
+    d, t = RLConfig(model="", out_dir=""), RLTrainConfig()
     p = sub.add_parser("rl", help="asynchronous RL (GRPO + IcePop, slime style) with the honesty reward")
     p.add_argument("--model", default=None, help="checkpoint directory to start from (default: the shipped model)")
     p.add_argument("--out-dir", required=True, help="run directory: checkpoints, metrics.jsonl, plots, summary.json")
@@ -48,9 +48,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_rl(args) -> int:
     from ..loader import SHIPPED_MODEL_DIR
-    from .loop import RLConfig, RLError, Run
+    from .loop import RLConfig, RLError, RLRun
     from .plots import plot_run
-    from .trainer import TrainConfig
+    from .trainer import RLTrainConfig
 
     cfg = RLConfig(model=str(args.model or SHIPPED_MODEL_DIR), out_dir=args.out_dir, mode=args.mode,
                    max_staleness=args.max_staleness, push_every=args.push_every,
@@ -60,9 +60,9 @@ def cmd_rl(args) -> int:
                    dynamic_sampling=not args.no_dynamic_sampling, max_tokens=args.max_tokens, seed=args.seed,
                    rollout_threads=args.rollout_threads, train_threads=args.train_threads,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,
-                   train=TrainConfig(lr=args.lr, correction=args.correction, std_normalize=args.std_normalize))
+                   train=RLTrainConfig(lr=args.lr, correction=args.correction, std_normalize=args.std_normalize))
     try:
-        run = Run(cfg)
+        run = RLRun(cfg)
     except RLError as e:
         print(e, file=sys.stderr)
         return 2

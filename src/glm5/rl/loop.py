@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .buffer import Group, RolloutBuffer
-from .trainer import TrainConfig, make_optimizer, train_step
+from .trainer import RLTrainConfig, make_optimizer, train_step
 from .worker import WorkerConfig, worker_main
 
 log = logging.getLogger("glm5.rl")
@@ -51,6 +51,7 @@ MODES = ("sync", "one-step-off", "async")
 class RLConfig:
     model: str
     out_dir: str
+    tokenizer: str | None = None  # directory with tokenizer.json, if not the model's
     mode: str = "async"
     max_staleness: int = 2  # async only: sync is 0, one-step-off 1
     push_every: int = 1  # async: push weights every K optimizer steps
@@ -61,6 +62,9 @@ class RLConfig:
     families: tuple[str, ...] = ("world", "unknown", "arithmetic", "tool")
     reward: str = "glm5.rl.rewards:honesty_reward"
     dynamic_sampling: bool = True
+    # dynamic sampling gives up for a step after dropping this many batches' worth of groups with equal rewards, and
+    # trains on what comes (zero-advantage groups add no gradient): a model with no signal at all still finishes
+    max_oversample: int = 4
     max_tokens: int = 256
     max_tool_rounds: int = 2
     seed: int = 0
@@ -69,7 +73,7 @@ class RLConfig:
     checkpoint_every: int = 10
     keep_last: int = 2
     resume: str = ""  # "" fresh, "auto" the newest checkpoint under out_dir, or a checkpoint path
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
     progress: bool = True
 
     def staleness(self) -> int:
@@ -184,7 +188,7 @@ class LocalWorker:
         return info
 
 
-class Run:
+class RLRun:
     """One `glm5 rl` run. `run()` trains to cfg.steps and returns the summary."""
 
     def __init__(self, cfg: RLConfig):
@@ -199,7 +203,7 @@ class Run:
         self.train_threads = cfg.train_threads or (max(1, cores // 2) if split else cores)
         self.rollout_threads = cfg.rollout_threads or (max(1, cores - self.train_threads) if split else cores)
         torch.set_num_threads(self.train_threads)
-        loaded = load(cfg.model)
+        loaded = load(cfg.model, tokenizer_dir=cfg.tokenizer)
         self.model, self.tok = loaded.model.float(), loaded.tokenizer
         self.opt = make_optimizer(self.model, cfg.train)
         self.tau = cfg.staleness()
@@ -308,16 +312,20 @@ class Run:
             self.dropped_failed += 1
             stats["arrivals"]["dropped_failed"].append(gid)
             return
+        # past the over-sampling limit of this step, admit groups with equal rewards rather than sample forever
+        self.buffer.dynamic_sampling = self.cfg.dynamic_sampling and (
+            len(stats["arrivals"].get("dropped_uniform", ())) < self.cfg.max_oversample * self.cfg.groups_per_step)
         group = Group(gid, [s["reward"] for s in kept], [[v for v in s["versions"] if v >= 0] for s in kept],
                       {"samples": [{k: s[k] for k in ("ids", "mask", "logprobs")} for s in kept],
                        "family": kept[0]["family"]})
         stats["arrivals"][self.buffer.put(group, self.step)].append(gid)
 
-    def run(self) -> dict:
+    def run(self, on_step=None) -> dict:
+        """Train to cfg.steps; on_step(record) after each step (the record metrics.jsonl gets)."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        wcfg = WorkerConfig(model=cfg.model, reward=cfg.reward, threads=self.rollout_threads,
+        wcfg = WorkerConfig(model=cfg.model, tokenizer=cfg.tokenizer, reward=cfg.reward, threads=self.rollout_threads,
                             max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds, seed=cfg.seed,
                             update_in_flight=cfg.mode == "async", recompute_on_update=cfg.recompute_on_update)
         t_start = time.perf_counter()
@@ -348,6 +356,8 @@ class Run:
                 bar.set_postfix(reward=f"{rec['reward_mean']:+.2f}", stale=rec["staleness_max"],
                                 tok_s=f"{rec['rollout_tok_s']:.0f}")
                 bar.update()
+                if on_step is not None:
+                    on_step(rec)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
             worker_info = worker.stop()
@@ -375,6 +385,7 @@ class Run:
         rec = {"step": self.step, "elapsed_s": round(elapsed, 3), "reward_mean": sum(rewards) / len(rewards),
                "reward_by_family": {f: sum(v) / len(v) for f, v in fam_rewards.items()},
                "rollout_reward_by_family": {f: sum(v) / len(v) for f, v in stats["rewards"].items() if v},
+               "rollout_reward_mean": _mean([r for v in stats["rewards"].values() for r in v]),
                "outcomes": {f: dict(c) for f, c in oc.items()},
                "hallucination_rate": _hallucination(oc),
                "staleness": stale, "staleness_max": max(stale),
@@ -402,6 +413,10 @@ def _hallucination(oc) -> float | None:
     w = sum(oc[f]["wrong"] for f in ("world", "unknown") if f in oc)
     a = sum(oc[f]["abstained"] for f in ("world", "unknown") if f in oc)
     return w / (w + a) if w + a else None
+
+
+def _mean(xs) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _group_seed(seed: int, gid: int) -> int:

@@ -20,7 +20,7 @@ from .loss import EPS_HIGH, EPS_LOW, grpo_advantages, ppo_head_loss, token_logpr
 
 
 @dataclass
-class TrainConfig:
+class RLTrainConfig:
     lr: float = 2e-5
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
@@ -43,7 +43,7 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return params
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: RLTrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
@@ -93,7 +93,7 @@ def sample_logprobs(model, samples: list[dict], micro_batch_tokens: int = 8192) 
     return out
 
 
-def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: TrainConfig) -> dict:
+def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConfig) -> dict:
     """One optimizer step on the groups (glm5.rl.buffer.Group, data = {"samples": [{"ids", "mask", "logprobs"}]}).
     Token-level normalisation over the whole step: every loss token weighs the same, however the micro-batches
     fall."""

@@ -27,6 +27,7 @@ import torch
 @dataclass
 class WorkerConfig:
     model: str  # checkpoint directory (the driver pushes the trainer's weights before any work anyway)
+    tokenizer: str | None = None  # directory with tokenizer.json, if not the model's
     reward: str = "glm5.rl.rewards:honesty_reward"
     threads: int = 1
     max_tokens: int = 256
@@ -55,7 +56,7 @@ class RolloutWorker:
 
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
-        loaded = load(cfg.model)
+        loaded = load(cfg.model, tokenizer_dir=cfg.tokenizer)
         self.tok = loaded.tokenizer
         fn = load_reward_fn(cfg.reward)
 

@@ -311,6 +311,30 @@ def fact_probe(model_dir: str | Path, tok, stride: int = 1, batch: int = 128) ->
     return {"fact_nll": round(total / max(count, 1), 3), "fact_recall": round(recalled / max(len(items), 1), 3)}
 
 
+def stage_rl(run: SpeedrunState, name: str, on_step) -> dict:
+    """`glm5 rl` from dsa_align's model, when the recipe has an RL stage (glm5.rl: rollout and trainer in two
+    processes, the honesty reward). Its checkpoints are rl/checkpoints/step_N/model, as a training stage's."""
+    spec = run.r.rl
+    if spec is None:
+        return {"skipped": "the recipe has no RL stage"}
+    from ..rl.loop import RLConfig, RLRun
+    from ..rl.trainer import RLTrainConfig
+
+    cfg = RLConfig(model=str(run.last_model(TRAIN_STAGES[-1])), out_dir=str(run.out / name),
+                   tokenizer=str(run.out / "tokenizer"), mode=spec.mode, max_staleness=spec.max_staleness,
+                   steps=spec.steps, groups_per_step=spec.groups_per_step, group_size=spec.group_size,
+                   max_tokens=spec.max_tokens, seed=run.r.seed, checkpoint_every=max(1, spec.steps // 4), keep_last=1,
+                   resume="auto", progress=False, train=RLTrainConfig(lr=spec.lr))
+    summary = RLRun(cfg).run(on_step)
+    return {"model": str(run.last_model(name)), **summary}
+
+
+def exported_stage(run: SpeedrunState) -> str:
+    """The stage whose model the speedrun exports: rl's when it trained, else the last training stage's."""
+    info = run.out / "rl" / "done.json"
+    return "rl" if info.is_file() and "skipped" not in json.loads(info.read_text()) else TRAIN_STAGES[-1]
+
+
 def stage_export(run: SpeedrunState, name: str, on_step) -> dict:
     from ..loader import load_model
     from ..weights import save_checkpoint
@@ -318,7 +342,8 @@ def stage_export(run: SpeedrunState, name: str, on_step) -> dict:
     dst = run.out / "model"
     tmp = run.out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = load_model(run.last_model(TRAIN_STAGES[-1]), dtype=torch.float32)
+    source = exported_stage(run)
+    model = load_model(run.last_model(source), dtype=torch.float32)
     save_checkpoint(model, tmp, dtype=torch.bfloat16)  # the release format: BF16 safetensors + config.json
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(run.out / "tokenizer" / f, tmp / f)
@@ -328,7 +353,7 @@ def stage_export(run: SpeedrunState, name: str, on_step) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
     size = sum(f.stat().st_size for f in dst.iterdir())
-    return {"dir": str(dst), "bytes": size, "params": sum(p.numel() for p in model.parameters())}
+    return {"dir": str(dst), "from": source, "bytes": size, "params": sum(p.numel() for p in model.parameters())}
 
 
 def stage_eval(run: SpeedrunState, name: str, on_step) -> dict:
@@ -358,6 +383,7 @@ STAGES = {  # the speedrun, in the order it runs
     "sparse": stage_train,
     "sft": stage_train,
     "dsa_align": stage_train,
+    "rl": stage_rl,  # skipped where the recipe has none
     "export": stage_export,
     "eval": stage_eval,  # of the exported files, as shipped
     "report": stage_report,
@@ -374,6 +400,7 @@ def stage_weights(r: Recipe) -> dict[str, float]:
          "eval": 1.5 * r.eval_n + 0.6 * sum(L * n for L, n in r.eval_retrieval.items()) / 1024}
     for name in TRAIN_STAGES:
         w[name] = train_s(getattr(r, name)) * (0.4 if indexer_only(name) else 1.0) + 10
+    w["rl"] = 0.0 if r.rl is None else 0.05 * r.rl.steps * r.rl.groups_per_step * r.rl.group_size * r.rl.max_tokens / 8
     return w
 
 

@@ -153,6 +153,12 @@ def write_report(out: str | Path, stages) -> Path:
                 f", recall {last['recall']:.3f}" if "recall" in last else "") + (
                 f", copy NLL {info['copy_nll']:.2f}" if "copy_nll" in info else "") + (
                 f", facts recalled {100 * info['fact_recall']:.0f}%" if "fact_recall" in info else "")
+        elif "skipped" in info:
+            summary = f"skipped: {info['skipped']}"
+        elif "buffer" in info:  # the RL stage
+            b = info["buffer"]
+            summary = (f"{info['steps']} RL steps, {b['trained']} of {b['generated']} groups trained, staleness "
+                       f"{b['staleness']}")
         elif "bytes" in info:
             summary = f"{info['params'] / 1e6:.2f}M parameters, {info['bytes'] / 2**20:.1f} MiB"
         lines.append(f"| {stage} | {timings.get(stage, 0):.0f} | {gflops.get(stage, '-')} | {summary} |")
