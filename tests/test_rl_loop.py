@@ -106,6 +106,31 @@ def test_slow_trainer_never_trains_past_the_staleness_bound(ckpt, tmp_path, monk
     assert len(trained) == len(set(trained)) == 8
 
 
+@pytest.mark.parametrize("mode, tau, push_every", [("one-step-off", 2, 1), ("async", 1, 3)])
+def test_other_schedules_finish_within_their_bound(ckpt, tmp_path, mode, tau, push_every):
+    """one-step-off (bound 1 whatever --max-staleness says) and async pushing every 3 steps with bound 1 (the loop
+    pushes early rather than let the engine's weights fall out of the bound) both finish, every group within it."""
+    run = RLRun(config(ckpt, tmp_path, mode=mode, max_staleness=tau, push_every=push_every, steps=4))
+    summary = run.run()
+    bound = 1
+    ms = metrics(tmp_path)
+    assert [m["step"] for m in ms] == [1, 2, 3, 4] and summary["buffer"]["trained"] == 8
+    assert max(s for m in ms for s in m["staleness"]) <= bound
+
+
+def test_a_prompt_without_room_ends_its_group_instead_of_losing_it(ckpt):
+    model = glm5.load_model(ckpt)
+    eng = Engine(model, num_blocks=2, block_size=16, eos_token_ids=[])  # 32 tokens of context
+    ro = Rollout(eng, TOK, max_tokens=4, score=lambda s: (0.0, "malformed"))
+    from glm5.data import examples
+
+    ex = examples("retrieval", "train", 1, 0)[0]  # far longer than 32 tokens
+    ro.submit(3, ex, 2, seed=1)
+    assert ro.busy
+    (group,) = ro.step()
+    assert [s.finish_reason for s in group] == ["length", "length"] and not ro.busy
+
+
 def test_cli_sigkill_then_resume_trains_every_group_once(ckpt, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "glm5.cli", "rl", "--model", str(ckpt), "--out-dir", str(out), "--mode", "async",
@@ -164,7 +189,8 @@ def test_trainer_log_probs_equal_the_engines(ckpt):
 def test_pushed_weights_serve_like_a_fresh_engine(ckpt):
     w = RolloutWorker(WorkerConfig(model=str(ckpt), reward="tests.test_rl_loop:first_token_parity", threads=1))
     new = perturb(glm5.load_model(ckpt), seed=11, std=0.05)
-    assert w.handle(("weights", 4, {k: v.clone() for k, v in new.state_dict().items()}))[0][:2] == ("pushed", 4)
+    sd = {k: v.clone() for k, v in new.state_dict().items()}
+    assert w.handle(("weights", 4, sd, time.time()))[0][:2] == ("pushed", 4)
     prompts, sp = [[3, 4, 5, 6], [9, 8, 7, 6, 5, 4, 3]], SamplingParams(temperature=0.0, max_tokens=8)
     served = w.engine.generate(prompts, sp)
     fresh = Engine(new, eos_token_ids=TOK.eos_ids).generate(prompts, sp)

@@ -15,6 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d, t = RLConfig(model="", out_dir=""), RLTrainConfig()
     p = sub.add_parser("rl", help="asynchronous RL (GRPO + IcePop, slime style) with the honesty reward")
     p.add_argument("--model", default=None, help="checkpoint directory to start from (default: the shipped model)")
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     p.add_argument("--out-dir", required=True, help="run directory: checkpoints, metrics.jsonl, plots, summary.json")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="sync: rollout then train; one-step-off: the next "
                    "rollout runs while a step trains; async: rollout never drains, weights land in flight")
@@ -30,6 +31,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reward", default=d.reward, help="reward function, module:function")
     p.add_argument("--no-dynamic-sampling", action="store_true", help="keep groups whose rewards are all equal")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per sampled turn")
+    p.add_argument("--max-tool-rounds", type=int, default=d.max_tool_rounds, help="tool calls answered per episode")
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--correction", choices=("icepop", "tis", "none"), default=t.correction,
                    help="off-policy correction of each token")
@@ -52,7 +54,8 @@ def cmd_rl(args) -> int:
     from .plots import plot_run
     from .trainer import RLTrainConfig
 
-    cfg = RLConfig(model=str(args.model or SHIPPED_MODEL_DIR), out_dir=args.out_dir, mode=args.mode,
+    cfg = RLConfig(model=str(args.model or SHIPPED_MODEL_DIR), out_dir=args.out_dir, tokenizer=args.tokenizer,
+                   mode=args.mode, max_tool_rounds=args.max_tool_rounds,
                    max_staleness=args.max_staleness, push_every=args.push_every,
                    recompute_on_update=args.recompute_on_update, steps=args.steps,
                    groups_per_step=args.groups_per_step, group_size=args.group_size,
@@ -69,7 +72,11 @@ def cmd_rl(args) -> int:
     if run.resumed_from:
         print(f"glm5 rl: resuming from {run.resumed_from} (step {run.step})", file=sys.stderr)
     before = _eval(run.model, run.tok, args.eval_n, args.seed) if args.eval_n else None
-    summary = run.run()
+    try:
+        summary = run.run()
+    except RLError as e:
+        print(e, file=sys.stderr)
+        return 2
     final = run.ckpt_root / f"step_{run.step:08d}" / "model"
     print(f"glm5 rl: {summary['steps']} steps in {summary['seconds']:.0f} s; buffer {json.dumps(summary['buffer'])}")
     print(f"glm5 rl: final weights {final}")

@@ -76,7 +76,7 @@ class RLConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     progress: bool = True
 
-    def staleness(self) -> int:
+    def staleness(self) -> int:  # tau
         return {"sync": 0, "one-step-off": 1}.get(self.mode, self.max_staleness)
 
 
@@ -199,7 +199,7 @@ class RLRun:
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         cores = os.cpu_count() or 1
-        split = cfg.mode != "sync"
+        split = cfg.staleness() > 0  # rollout and training overlap: each its own cores
         self.train_threads = cfg.train_threads or (max(1, cores // 2) if split else cores)
         self.rollout_threads = cfg.rollout_threads or (max(1, cores - self.train_threads) if split else cores)
         torch.set_num_threads(self.train_threads)
@@ -243,8 +243,8 @@ class RLRun:
 
         path = ckpt.resolve(self.cfg.resume, self.ckpt_root)
         if path is None:
-            if self.metrics_path.exists() and not self.cfg.resume:
-                self.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run (nothing to resume) starts a fresh log
             return None
         saved = ckpt.load(path)
         st = saved["trainer_state"].get("rl")
@@ -263,8 +263,7 @@ class RLRun:
         self.skipped_samples, self.dropped_failed = st["skipped_samples"], st["dropped_failed"]
         # metrics past the checkpoint belong to steps that will be trained again
         if self.metrics_path.exists():
-            lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            lines = [ln for ln in self.metrics_path.read_text().splitlines() if _step_of(ln) <= self.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
         return path
 
@@ -274,7 +273,7 @@ class RLRun:
         # a copy: the queue moves tensors into shared memory, and the trainer's own must not be shared (the next
         # optimizer step would change what the engine reads before it has copied it)
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        worker.put(("weights", self.step, sd))
+        worker.put(("weights", self.step, sd, time.time()))
         self.pushed = self.step
         return time.perf_counter() - t0
 
@@ -296,6 +295,7 @@ class RLRun:
         kind = msg[0]
         if kind == "pushed":
             stats["push_apply_s"].append(msg[2])
+            stats["push_e2e_s"].append(msg[3])
             return
         if kind != "group":
             return
@@ -310,7 +310,12 @@ class RLRun:
                 stats["rewards"][s["family"]].append(s["reward"])
         if len(kept) < 2:  # GRPO needs two samples to compare
             self.dropped_failed += 1
-            stats["arrivals"]["dropped_failed"].append(gid)
+            failed = stats["arrivals"]["dropped_failed"]
+            failed.append(gid)
+            if len(failed) > self.cfg.max_oversample * self.cfg.groups_per_step:
+                raise RLError(f"glm5 rl: the reward function failed on {len(failed)} groups in a row (fewer than two "
+                              f"scored samples each; see the warnings above): {self.cfg.reward} cannot score "
+                              f"--families {','.join(self.cfg.families)}")
             return
         # past the over-sampling limit of this step, admit groups with equal rewards rather than sample forever
         self.buffer.dynamic_sampling = self.cfg.dynamic_sampling and (
@@ -345,11 +350,15 @@ class RLRun:
                     self._receive(worker.get(timeout=3600), stats)
                     t_wait += time.perf_counter() - t0
                     continue
+                batch.sort(key=lambda g: g.uid)  # the same sum order whatever order the groups arrived in
                 t0 = time.perf_counter()
                 tstats = train_step(self.model, self.opt, batch, cfg.train)
                 t_train = time.perf_counter() - t0
                 self.step += 1
-                push_s = self._push(worker) if (cfg.mode != "async" or self.step % cfg.push_every == 0) else None
+                # async pushes every K steps, and always before the engine's weights fall more than tau behind:
+                # capacity is measured from them, and would reach 0 with nothing left running
+                due = cfg.mode != "async" or self.step % cfg.push_every == 0 or self.step - self.pushed > self.tau
+                push_s = self._push(worker) if due else None
                 rec = self._record(batch, tstats, stats, t_train, t_wait, push_s, time.perf_counter() - t_start)
                 totals.update({"train_s": t_train, "wait_s": t_wait})
                 stats, t_wait = _new_stats(), 0.0
@@ -391,7 +400,8 @@ class RLRun:
                "staleness": stale, "staleness_max": max(stale),
                "train_s": round(t_train, 3), "trainer_wait_s": round(t_wait, 3),
                "push_s": None if push_s is None else round(push_s, 4),
-               "push_apply_s": stats["push_apply_s"], "rollout_tokens": stats["tokens"],
+               "push_apply_s": stats["push_apply_s"], "push_e2e_s": stats["push_e2e_s"],
+               "rollout_tokens": stats["tokens"],
                "rollout_tok_s": stats["tokens"] / max(1e-9, t_train + t_wait),
                "icepop_masked_share": tstats["masked"] / tstats["tokens"], **{k: tstats[k] for k in
                                                                               ("loss", "tokens", "clipped",
@@ -404,7 +414,7 @@ class RLRun:
 
 
 def _new_stats() -> dict:
-    return {"tokens": 0, "outcomes": defaultdict(Counter), "rewards": defaultdict(list), "push_apply_s": [],
+    return {"tokens": 0, "outcomes": defaultdict(Counter), "rewards": defaultdict(list), "push_apply_s": [], "push_e2e_s": [],
             "arrivals": defaultdict(list)}
 
 
@@ -413,6 +423,14 @@ def _hallucination(oc) -> float | None:
     w = sum(oc[f]["wrong"] for f in ("world", "unknown") if f in oc)
     a = sum(oc[f]["abstained"] for f in ("world", "unknown") if f in oc)
     return w / (w + a) if w + a else None
+
+
+def _step_of(line: str) -> int:
+    """The step of a metrics.jsonl line; a line torn by a kill counts as past any checkpoint."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62
 
 
 def _mean(xs) -> float | None:

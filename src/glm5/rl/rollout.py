@@ -15,6 +15,7 @@ that sampled it; prompt and tool tokens carry mask 0.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,6 +68,12 @@ class _Episode:
     turn_start: int = 0  # len(sample.ids) when the current turn's request was added
 
 
+def turn_seed(group_seed: int, index: int, turn: int) -> int:
+    """The sampling seed of a later turn of one episode: distinct from every group's and every other turn's."""
+    digest = hashlib.blake2b(f"{group_seed}/{index}/{turn}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 class Rollout:
     """Drives the engine over groups of episodes; scores each finished group with `score(sample) -> (reward,
     outcome)`. Not thread-safe (it owns the engine while it runs)."""
@@ -83,11 +90,12 @@ class Rollout:
         self._groups: dict[int, list[_Episode]] = {}
         self._open: dict[int, int] = {}  # group -> episodes not finished
         self._seeds: dict[int, int] = {}
+        self._done: list[list[Sample]] = []  # groups that finished outside an engine step
         self.tokens_sampled = 0
 
     @property
     def busy(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or bool(self._done)
 
     def submit(self, group_id: int, example: Example, group_size: int, seed: int) -> None:
         """Start G episodes of one prompt. The prompt's ids are rendered once and shared (prefix cache)."""
@@ -103,9 +111,11 @@ class Rollout:
     def _add(self, eps: list[_Episode], seed: int) -> None:
         ids = eps[0].sample.ids
         room = self.engine.max_model_len - len(ids)
-        if room < 1:
+        if room < 1:  # no room to sample: the episodes end here, and the next step() returns their group
             for ep in eps:
-                self._finish(ep, "length")
+                group = self._finish(ep, "length")
+                if group is not None:
+                    self._done.append(group)
             return
         params = SamplingParams(n=len(eps), temperature=self.temperature, top_p=1.0,
                                 max_tokens=min(self.max_tokens, room), seed=seed)
@@ -116,7 +126,9 @@ class Rollout:
 
     def step(self) -> list[list[Sample]]:
         """One engine step; returns the groups that finished in it (every episode done and scored)."""
-        done: list[list[Sample]] = []
+        done, self._done = self._done, []
+        if not self.engine.has_unfinished():
+            return done
         for o in self.engine.step():
             ep = self._episodes[o.request_id][o.index]
             s = ep.sample
@@ -178,7 +190,7 @@ class Rollout:
         s.versions += [-1] * len(obs)
         if len(s.ids) >= self.engine.max_model_len:
             return False
-        self._add([ep], seed=self._seeds[s.group] * 1000 + s.index * 10 + s.turns)
+        self._add([ep], seed=turn_seed(self._seeds[s.group], s.index, s.turns))
         return True
 
     def _finish(self, ep: _Episode, finish: str) -> list[Sample] | None:
@@ -207,4 +219,5 @@ class Rollout:
         self._groups.clear()
         self._open.clear()
         self._seeds.clear()
+        self._done.clear()
         return groups

@@ -1,10 +1,11 @@
 """The rollout worker: an engine in its own process, so that sampling and training really run at the same time.
 
 It takes orders from one inbox, in order, and answers in one outbox:
-    ("weights", version, state_dict)    swap weights between two engine steps (in flight: running samples go on,
-                                        their next tokens carry the new version); answered ("pushed", version, s)
+    ("weights", version, state_dict, t) swap weights between two engine steps (in flight: running samples go on,
+                                        their next tokens carry the new version); answered ("pushed", version,
+                                        seconds to apply, seconds since the driver sent them)
     ("generate", [(group, example, group_size, seed), ...])    start these groups
-    ("stop",)
+    ("stop",)                           abort what runs and stop (it jumps the queue)
     -> ("ready", info) once, ("group", group, [sample dicts]) per finished group, ("error", text) if it dies.
 Rewards are computed here, beside the engine (slime's reward model runs in the rollout too): the driver receives
 finished, scored groups. A sample whose reward function fails is sent with reward None and left out of training.
@@ -83,10 +84,10 @@ class RolloutWorker:
     def handle(self, msg) -> list:
         """Apply one order; returns the replies."""
         kind = msg[0]
-        if kind == "weights":
+        if kind == "weights":  # ("weights", version, state_dict, time.time() when sent)
             t0 = time.perf_counter()
             self.engine.update_weights(msg[2], version=msg[1], recompute_running=self.cfg.recompute_on_update)
-            return [("pushed", msg[1], time.perf_counter() - t0)]
+            return [("pushed", msg[1], time.perf_counter() - t0, time.time() - msg[3])]
         if kind == "generate":
             for group, example, size, seed in msg[1]:
                 self.rollout.submit(group, example, size, seed)
@@ -102,33 +103,36 @@ class RolloutWorker:
 
 
 def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
-    """The worker process: orders in, replies out, until ("stop",)."""
+    """The worker process: orders in, replies out, until ("stop",) or until its driver is gone."""
     parent = os.getppid()
+    # Replies nobody reads (a killed driver) must not keep this process alive at exit.
+    outbox.cancel_join_thread()
     try:
         w = RolloutWorker(cfg)
         outbox.put(("ready", {"max_model_len": w.engine.max_model_len}))
         orders: deque = deque()
         while True:
+            if os.getppid() != parent:  # the driver died: whatever this would generate is regenerated on resume
+                return
             if not w.rollout.busy and not orders:
                 t0 = time.perf_counter()
-                while not orders:  # nothing to do: wait for orders, and end with a driver that was killed
-                    try:
-                        orders.append(inbox.get(timeout=2.0))
-                    except queue.Empty:
-                        if os.getppid() != parent:
-                            return
-                w.idle_s += time.perf_counter() - t0
+                try:  # nothing to do: wait for orders (and look for a dead driver every 2 s)
+                    orders.append(inbox.get(timeout=2.0))
+                except queue.Empty:
+                    continue
+                finally:
+                    w.idle_s += time.perf_counter() - t0
             while True:
                 try:
                     orders.append(inbox.get_nowait())
                 except queue.Empty:
                     break
-            while orders and (orders[0][0] == "stop" or w.can_take(orders[0])):
-                m = orders.popleft()
-                if m[0] == "stop":
-                    outbox.put(("stopped", {"busy_s": w.busy_s, "idle_s": w.idle_s}))
-                    return
-                for r in w.handle(m):
+            if any(m[0] == "stop" for m in orders):  # stop jumps the queue: nothing still running will be trained
+                w.rollout.abort_all()
+                outbox.put(("stopped", {"busy_s": w.busy_s, "idle_s": w.idle_s}))
+                return
+            while orders and w.can_take(orders[0]):
+                for r in w.handle(orders.popleft()):
                     outbox.put(r)
             if w.rollout.busy:
                 for r in w.poll():
