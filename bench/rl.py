@@ -65,7 +65,7 @@ def main() -> None:
     target = curves["sync"][0][-1] if "sync" in curves else None
     print(f"bench/rl.py on {cpu_name()}: {args.steps} steps x {args.groups} groups x {args.group_size} samples, "
           f"max {args.max_tokens} tokens a turn, shipped model, fp32")
-    print("| mode | wall s | reach sync's final reward at s (ratio) | samples/s | sampled tokens/s | trainer idle | "
+    print("| mode | wall s (vs sync) | reach sync's final reward at s (ratio) | samples/s | sampled tokens/s | trainer idle | "
           "rollout idle | push ms (copy) | push ms (apply) | staleness histogram | groups kept / generated |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     t_sync = None
@@ -77,7 +77,8 @@ def main() -> None:
         ratio = f" ({reach / t_sync:.2f}x)" if reach is not None and t_sync else ""
         b = row["buffer"]
         apply = "-" if row["apply_ms"] is None else f"{row['apply_ms']:.0f}"
-        print(f"| {row['mode']} | {row['wall_s']:.0f} | {'never' if reach is None else f'{reach:.0f}'}{ratio} | "
+        vs = f" ({row['wall_s'] / rows[0]['wall_s']:.2f}x)" if rows[0]["mode"] == "sync" else ""
+        print(f"| {row['mode']} | {row['wall_s']:.0f}{vs} | {'never' if reach is None else f'{reach:.0f}'}{ratio} | "
               f"{row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | {row['trainer_idle']:.0%} | "
               f"{row['rollout_idle']:.0%} | {row['push_ms']:.0f} | "
               f"{apply} | {b['staleness']} | "

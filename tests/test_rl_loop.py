@@ -149,6 +149,8 @@ def test_cli_sigkill_then_resume_trains_every_group_once(ckpt, tmp_path):
     r = subprocess.run(args + ["--resume", "auto"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming from" in r.stderr and (out / "rl.png").is_file()
+    loaded = glm5.load(out / "model")  # the exported model serves as it is: weights, tokenizer
+    assert loaded.tokenizer.vocab_size == TOK.vocab_size and not loaded.untrained
     ms = metrics(out)
     assert [m["step"] for m in ms] == [1, 2, 3, 4, 5]
     trained = [g for m in ms for g in m["trained_groups"]]

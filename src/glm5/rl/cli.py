@@ -77,9 +77,9 @@ def cmd_rl(args) -> int:
     except RLError as e:
         print(e, file=sys.stderr)
         return 2
-    final = run.ckpt_root / f"step_{run.step:08d}" / "model"
+    final = Path(args.out_dir) / "model"
     print(f"glm5 rl: {summary['steps']} steps in {summary['seconds']:.0f} s; buffer {json.dumps(summary['buffer'])}")
-    print(f"glm5 rl: final weights {final}")
+    print(f"glm5 rl: the trained model, ready to serve: {final}")
     for png in plot_run(Path(args.out_dir)):
         print(f"glm5 rl: wrote {png}")
     if args.eval_n:

@@ -267,6 +267,25 @@ class RLRun:
             self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
         return path
 
+    def export(self, dest: Path) -> Path:
+        """The trained model as a servable checkpoint: weights in the starting checkpoint's dtype, its tokenizer
+        and generation_config.json (`glm5 serve --model dest`, `glm5 eval --model dest`)."""
+        import shutil
+
+        from ..weights import save_checkpoint
+
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dtype = getattr(torch, str(self.model.config.dtype or "float32"), torch.float32)
+        save_checkpoint(self.model, tmp, dtype=dtype)
+        self.tok.save(tmp)
+        gen = Path(self.cfg.model) / "generation_config.json"
+        if gen.is_file():
+            shutil.copy2(gen, tmp / gen.name)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        return dest
+
     # -- the loop --------------------------------------------------------------------------------------------------
     def _push(self, worker) -> float:
         t0 = time.perf_counter()
@@ -375,6 +394,7 @@ class RLRun:
             if worker.proc.is_alive():
                 worker.stop()
         self.buffer.check()
+        self.export(self.out / "model")
         wall = time.perf_counter() - t_start
         summary = {"mode": cfg.mode, "steps": self.step, "seconds": round(wall, 2), "buffer": self.buffer.stats(),
                    "skipped_samples": self.skipped_samples, "dropped_failed": self.dropped_failed,
