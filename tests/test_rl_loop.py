@@ -19,7 +19,7 @@ from glm5.config import tiny
 from glm5.engine import Engine, SamplingParams
 from glm5.rl import loop as rl_loop
 from glm5.rl.loop import RLConfig, RLError, RLRun, check_config
-from glm5.rl.rollout import Rollout
+from glm5.rl.rollout import Rollout, Sample
 from glm5.rl.trainer import RLTrainConfig, _pack, sample_logprobs
 from glm5.rl.worker import RolloutWorker, WorkerConfig
 from glm5.tokenizer import Tokenizer
@@ -34,6 +34,18 @@ TOK = Tokenizer.default()
 def first_token_parity(sample) -> float:
     """A reward with variance on a random model: the first sampled token's parity (P(all G equal) = 2 / 2^G)."""
     return float(sample.token_ids[0] % 2)
+
+
+def one_turn_generate(engine, tokenizer, example, group_size, seed):
+    """A rollout hook: one turn, no chat parsing beyond the text, through engine.generate."""
+    from glm5.chat import render_chat
+    from glm5.chat_parse import ParsedOutput
+
+    prompt = render_chat(tokenizer, example.prompt_messages).ids
+    (gens,) = engine.generate([prompt], SamplingParams(n=group_size, temperature=1.0, max_tokens=5, seed=seed))
+    return [Sample(0, i, example, prompt + g.token_ids, len(prompt), [0] * len(prompt) + [1] * len(g.token_ids),
+                   [0.0] * len(prompt) + g.logprobs, [-1] * len(prompt) + g.policy_versions, g.finish_reason, 1,
+                   ParsedOutput(content=tokenizer.decode(g.token_ids))) for i, g in enumerate(gens)]
 
 
 def raising_reward(sample) -> float:
@@ -214,6 +226,21 @@ def test_rewards_that_fail_skip_their_sample_only(ckpt, caplog):
     (kind, gid, samples), = replies
     assert kind == "group" and gid == 7 and [s["reward"] is None for s in samples] == [True, False, False]
     assert "7-0" in caplog.text and "broken on purpose" in caplog.text
+
+
+def test_a_rollout_hook_replaces_the_builtin_rollout(ckpt, tmp_path):
+    w = RolloutWorker(WorkerConfig(model=str(ckpt), reward="tests.test_rl_loop:first_token_parity", threads=1,
+                                   generate="tests.test_rl_loop:one_turn_generate"))
+    from glm5.data import examples
+
+    w.handle(("generate", [(5, examples("arithmetic", "train", 1, 0)[0], 4, 9)]))
+    (kind, gid, samples), = w.poll()
+    assert kind == "group" and gid == 5 and len(samples) == 4
+    assert all(1 <= sum(s["mask"]) <= 5 and s["reward"] in (0.0, 1.0) for s in samples)
+    summary = RLRun(config(ckpt, tmp_path, steps=2, generate="tests.test_rl_loop:one_turn_generate")).run()
+    assert summary["buffer"]["trained"] == 4
+    with pytest.raises(RLError, match="--generate: rollout hook must be given as 'module:function'"):
+        check_config(config(ckpt, tmp_path, generate="nope"))
 
 
 def test_tool_episode_trains_exactly_the_sampled_ids():

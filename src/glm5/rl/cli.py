@@ -29,6 +29,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=d.group_size, help="samples per prompt (G)")
     p.add_argument("--families", default=",".join(d.families), help="task families to train on")
     p.add_argument("--reward", default=d.reward, help="reward function, module:function")
+    p.add_argument("--generate", default=None, help="rollout hook, module:function: fn(engine, tokenizer, example, "
+                   "group_size, seed) -> the group's samples (default: the built-in chat and tool rollout)")
     p.add_argument("--no-dynamic-sampling", action="store_true", help="keep groups whose rewards are all equal")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens per sampled turn")
     p.add_argument("--max-tool-rounds", type=int, default=d.max_tool_rounds, help="tool calls answered per episode")
@@ -60,6 +62,7 @@ def cmd_rl(args) -> int:
                    recompute_on_update=args.recompute_on_update, steps=args.steps,
                    groups_per_step=args.groups_per_step, group_size=args.group_size,
                    families=tuple(f.strip() for f in args.families.split(",") if f.strip()), reward=args.reward,
+                   generate=args.generate,
                    dynamic_sampling=not args.no_dynamic_sampling, max_tokens=args.max_tokens, seed=args.seed,
                    rollout_threads=args.rollout_threads, train_threads=args.train_threads,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,

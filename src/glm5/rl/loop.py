@@ -61,6 +61,7 @@ class RLConfig:
     group_size: int = 8
     families: tuple[str, ...] = ("world", "unknown", "arithmetic", "tool")
     reward: str = "glm5.rl.rewards:honesty_reward"
+    generate: str | None = None  # a rollout hook, module:function (glm5.rl.worker.WorkerConfig.generate)
     dynamic_sampling: bool = True
     # dynamic sampling gives up for a step after dropping this many batches' worth of groups with equal rewards, and
     # trains on what comes (zero-advantage groups add no gradient): a model with no signal at all still finishes
@@ -110,12 +111,14 @@ def check_config(cfg: RLConfig) -> None:
                             f"{', '.join(HONESTY)}); pass --reward module:function")
     if problems:
         raise RLError("glm5 rl: " + "; ".join(problems))
-    from .rewards import load_reward_fn
+    from .rewards import load_function
 
-    try:
-        load_reward_fn(cfg.reward)
-    except ValueError as e:
-        raise RLError(f"glm5 rl: --reward: {e}") from None
+    for flag, spec, what in (("--reward", cfg.reward, "reward function"), ("--generate", cfg.generate, "rollout hook")):
+        try:
+            if spec is not None:
+                load_function(spec, what)
+        except ValueError as e:
+            raise RLError(f"glm5 rl: {flag}: {e}") from None
     cfg_file = Path(cfg.model) / "config.json"
     if cfg_file.is_file() and "quantization_config" in json.loads(cfg_file.read_text()):
         raise RLError(f"glm5 rl: {cfg.model} is an FP8 checkpoint; RL trains BF16/FP32 weights. Convert it first: "
@@ -349,7 +352,7 @@ class RLRun:
         from tqdm import tqdm
 
         cfg = self.cfg
-        wcfg = WorkerConfig(model=cfg.model, tokenizer=cfg.tokenizer, reward=cfg.reward, threads=self.rollout_threads,
+        wcfg = WorkerConfig(model=cfg.model, tokenizer=cfg.tokenizer, reward=cfg.reward, generate=cfg.generate, threads=self.rollout_threads,
                             max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds, seed=cfg.seed,
                             update_in_flight=cfg.mode == "async", recompute_on_update=cfg.recompute_on_update)
         t_start = time.perf_counter()

@@ -70,26 +70,30 @@ def honesty_reward(sample: RewardSample) -> float:
     return table[outcome(sample)]
 
 
-def load_reward_fn(spec: str) -> Callable[[RewardSample], float]:
-    """'package.module:function' (or 'module:Class.method') -> the callable. A bad spec fails here, at start-up,
-    with what was wrong, rather than at the first reward."""
+def load_function(spec: str, what: str = "reward function") -> Callable:
+    """'package.module:function' (or 'module:Class.method') -> the callable (a reward function, a rollout hook). A
+    bad spec fails here, at start-up, with what was wrong, rather than at the first call."""
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"reward function must be given as 'module:function' (e.g. "
+        raise ValueError(f"{what} must be given as 'module:function' (e.g. "
                          f"'glm5.rl.rewards:honesty_reward'), got {spec!r}")
     mod_name, attr = spec.split(":")
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r} ({e})") from e
+        raise ValueError(f"{what} {spec!r}: cannot import module {mod_name!r} ({e})") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
-            raise ValueError(f"reward function {spec!r}: {getattr(obj, '__name__', mod_name)!r} has no attribute "
+            raise ValueError(f"{what} {spec!r}: {getattr(obj, '__name__', mod_name)!r} has no attribute "
                              f"{part!r} (callables there: {', '.join(public[:20]) or 'none'})")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward function {spec!r} is a {type(obj).__name__}, not a function")
+        raise ValueError(f"{what} {spec!r} is a {type(obj).__name__}, not a function")
     return obj
+
+
+def load_reward_fn(spec: str) -> Callable[[RewardSample], float]:
+    return load_function(spec, "reward function")
 
 
 class _Skip:

@@ -30,6 +30,10 @@ class WorkerConfig:
     model: str  # checkpoint directory (the driver pushes the trainer's weights before any work anyway)
     tokenizer: str | None = None  # directory with tokenizer.json, if not the model's
     reward: str = "glm5.rl.rewards:honesty_reward"
+    # another environment: "module:function", called as fn(engine, tokenizer, example, group_size, seed) -> the
+    # group's G glm5.rl.rollout.Sample (ids, mask, logprobs, versions, finish_reason, output filled); it owns the
+    # engine until it returns (slime's --custom-generate-function-path). None: the built-in chat / tool rollout.
+    generate: str | None = None
     threads: int = 1
     max_tokens: int = 256
     max_tool_rounds: int = 2
@@ -52,7 +56,7 @@ class RolloutWorker:
     def __init__(self, cfg: WorkerConfig):
         from ..engine import Engine
         from ..loader import load
-        from .rewards import RewardSample, load_reward_fn, outcome, safe_reward
+        from .rewards import RewardSample, load_function, load_reward_fn, outcome, safe_reward
         from .rollout import Rollout
 
         self.cfg = cfg
@@ -76,10 +80,17 @@ class RolloutWorker:
         self.rollout = Rollout(self.engine, self.tok, max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds,
                                temperature=cfg.temperature, score=score)
         self.busy_s = self.idle_s = 0.0
+        self.generate_fn = load_function(cfg.generate, "rollout hook") if cfg.generate else None
+        self.score = score
+        self._hooked: list = []  # groups a rollout hook finished, sent at the next poll
+
+    @property
+    def busy(self) -> bool:
+        return self.rollout.busy or bool(self._hooked)
 
     def can_take(self, msg) -> bool:
         """Orders run in the order sent; weights wait for a drained rollout unless they may land in flight."""
-        return msg[0] != "weights" or self.cfg.update_in_flight or not self.rollout.busy
+        return msg[0] != "weights" or self.cfg.update_in_flight or not self.busy
 
     def handle(self, msg) -> list:
         """Apply one order; returns the replies."""
@@ -90,14 +101,22 @@ class RolloutWorker:
             return [("pushed", msg[1], time.perf_counter() - t0, time.time() - msg[3])]
         if kind == "generate":
             for group, example, size, seed in msg[1]:
-                self.rollout.submit(group, example, size, seed)
+                if self.generate_fn is None:
+                    self.rollout.submit(group, example, size, seed)
+                    continue
+                samples = self.generate_fn(self.engine, self.tok, example, size, seed)
+                for s in samples:
+                    s.group = group
+                    s.reward, s.outcome = self.score(s)
+                self._hooked.append(samples)
             return []
         raise ValueError(f"rollout worker: unknown order {kind!r}")
 
     def poll(self) -> list:
         """One engine step -> ("group", ...) replies for the groups it finished."""
         t0 = time.perf_counter()
-        out = [("group", g[0].group, [sample_dict(s, s.reward) for s in g]) for g in self.rollout.step()]
+        groups, self._hooked = self._hooked + self.rollout.step(), []
+        out = [("group", g[0].group, [sample_dict(s, s.reward) for s in g]) for g in groups]
         self.busy_s += time.perf_counter() - t0
         return out
 
@@ -114,7 +133,7 @@ def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
         while True:
             if os.getppid() != parent:  # the driver died: whatever this would generate is regenerated on resume
                 return
-            if not w.rollout.busy and not orders:
+            if not w.busy and not orders:
                 t0 = time.perf_counter()
                 try:  # nothing to do: wait for orders (and look for a dead driver every 2 s)
                     orders.append(inbox.get(timeout=2.0))
@@ -134,7 +153,7 @@ def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
             while orders and w.can_take(orders[0]):
                 for r in w.handle(orders.popleft()):
                     outbox.put(r)
-            if w.rollout.busy:
+            if w.busy:
                 for r in w.poll():
                     outbox.put(r)
     except Exception:  # noqa: BLE001 -- reported to the driver, which stops the run with it
