@@ -152,8 +152,21 @@ def normalize_tools(tools: Any) -> list[dict] | None:
         raise ChatFormatError(f"tools: expected a list, got {type(tools).__name__}")
     for i, t in enumerate(tools):
         fn = t.get("function", t) if isinstance(t, Mapping) else None
-        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ChatFormatError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., ...}}}}")
+        where = f"tools[{i}].function" if isinstance(t, Mapping) and "function" in t else f"tools[{i}]"
+        if not isinstance(fn, Mapping):
+            raise ChatFormatError(f"{where}: expected an object {{'name': ..., 'parameters': {{...}}}}, "
+                                  f"got {type(fn if isinstance(t, Mapping) else t).__name__}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatFormatError(f"{where}.name: expected a non-empty string")
+        # The parser reads each parameter's schema (which are strings); a schema of the wrong shape is the
+        # caller's error, said here, not a crash while decoding.
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, Mapping):
+            raise ChatFormatError(f"{where}.parameters: expected a JSON Schema object, got {type(params).__name__}")
+        props = (params or {}).get("properties")
+        if props is not None and not isinstance(props, Mapping):
+            raise ChatFormatError(f"{where}.parameters.properties: expected an object mapping parameter names to "
+                                  f"schemas, got {type(props).__name__}")
     return [dict(t) for t in tools] or None
 
 

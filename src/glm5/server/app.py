@@ -24,13 +24,27 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from .protocol import (
+    APIError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from .runs import Limits, ServerState
 from .serving import chat_completions, completions
 
 log = logging.getLogger("glm5.server")
 
 ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# /metrics labels stay bounded whatever clients send: other methods and paths count as "other".
+METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE")
+# JSON nested deeper than this is refused (400): no OpenAI request nests so deep, and Python's JSON reader and
+# every later recursive walk (pydantic, json.dumps of tool schemas, Jinja) would otherwise hit the recursion limit.
+MAX_JSON_DEPTH = 64
 
 
 class _BodyTooLarge(HTTPException):
@@ -47,8 +61,8 @@ class _Gate:
     """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams): counts requests by route and status, refuses
     bodies over the limit (413, by Content-Length up front or while reading a chunked body), checks the API key."""
 
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
+    def __init__(self, app, state: ServerState, metrics_require_key: bool = False):
+        self.app, self.state, self.metrics_require_key = app, state, metrics_require_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -57,21 +71,33 @@ class _Gate:
         path, method = scope["path"], scope["method"]
         route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         status = [500]
+        started = [False]
 
         async def send_counted(msg):
             if msg["type"] == "http.response.start":
-                status[0] = msg["status"]
+                status[0], started[0] = msg["status"], True
             await send(msg)
 
         try:
             await self._gated(scope, receive, send_counted, path)
+        except Exception as e:
+            # Answered here, not by an app.exception_handler(Exception): Starlette re-raises after such a handler
+            # and uvicorn then drops the connection, so a client's keep-alive socket would die with every 500.
+            # Once a response has started (SSE streams answer their own errors, sse.py) uvicorn must close it.
+            if started[0]:
+                raise
+            log.exception("unhandled error on %s %s", method, path)
+            status[0] = 500
+            await _error_response(500, f"internal server error: {type(e).__name__}: {e}",
+                                  code="internal_error")(scope, receive, send)
         finally:
-            st.metrics.count_http(method, route, status[0])
+            st.metrics.count_http(method if method in METHODS else "other", route, status[0])
 
     async def _gated(self, scope, receive, send, path):
         st, limit = self.state, self.state.limits.max_body_bytes
         headers = dict(scope["headers"])
-        if st.api_key is not None and path.startswith("/v1"):
+        guarded = path.startswith("/v1") or (path == "/metrics" and self.metrics_require_key)
+        if st.api_key is not None and guarded:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, key = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), st.api_key.encode()):
@@ -138,14 +164,43 @@ def _json_or_repr(x) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _check_tree(obj) -> None:
+    """Refuse what JSON can spell but nothing downstream can handle: nesting deeper than MAX_JSON_DEPTH, and lone
+    UTF-16 surrogates ("\\ud800" parses to a str that cannot be encoded, so tokenising it would fail)."""
+    stack = [(obj, (), 0)]  # explicit stack: the walk itself must not recurse
+    while stack:
+        x, path, depth = stack.pop()
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "body"
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                           param=str(path[0]) if path else None, code="invalid_json")
+        if isinstance(x, dict):
+            for k, v in x.items():
+                stack.append((k, path, depth))  # keys are text too
+                stack.append((v, (*path, k), depth + 1))
+        elif isinstance(x, list):
+            stack.extend((v, (*path, i), depth + 1) for i, v in enumerate(x))
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"{where}: a string contains a lone UTF-16 surrogate ({_json_or_repr(x)}); "
+                                    f"send valid Unicode", param=str(path[0]) if path else None,
+                               code="invalid_json") from None
+
+
 async def _parse(request: Request, cls: type[BaseModel]):
     raw = await request.body()
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                       code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    _check_tree(obj)
     try:
         return cls.model_validate(obj)
     except ValidationError as e:
@@ -153,15 +208,49 @@ async def _parse(request: Request, cls: type[BaseModel]):
         raise APIError(400, msg, param=param, code="invalid_value") from None
 
 
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the real request and response bodies: the generation routes read their bodies
+    themselves (see _parse), so FastAPI cannot see them; the pydantic models are added here, so /openapi.json is
+    what a client generator or a schema fuzzer (schemathesis) needs."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+
+    def ref(cls: type[BaseModel], mode: str) -> dict:
+        s = cls.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+        comps.update(s.pop("$defs", {}))
+        comps[cls.__name__] = s
+        return {"$ref": f"#/components/schemas/{cls.__name__}"}
+
+    error = {"description": "OpenAI-style error", "content": {"application/json": {"schema": ref(ErrorResponse,
+                                                                                                 "serialization")}}}
+    for path, req, resp in (("/v1/chat/completions", ChatCompletionRequest, ChatCompletion),
+                            ("/v1/completions", CompletionRequest, Completion)):
+        op = schema["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(req, "validation")}}}
+        op["responses"] = {
+            "200": {"description": "The completion; with `stream: true`, server-sent events of chunks ending in "
+                                   "`data: [DONE]`",
+                    "content": {"application/json": {"schema": ref(resp, "serialization")},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **{str(c): error for c in (400, 401, 404, 413, 429, 500, 503)}}
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None = None, api_key: str | None = None,
                limits: Limits | None = None, cache_bytes: int | None = None, max_num_seqs: int = 64,
                max_num_batched_tokens: int = 2048, device: str = "cpu", tokenizer_dir: str | Path | None = None,
-               sampling: dict | None = None) -> FastAPI:
+               sampling: dict | None = None, metrics_require_key: bool = False) -> FastAPI:
     """engine_or_model: an Engine (or any object with its add_request / step / abort / has_unfinished / stats /
     max_model_len), a GLM5 model, a preset name, a checkpoint directory, or None for the default model (see
     glm5.loader.load). tokenizer: needed with an Engine or a model (default: the shipped one).
     sampling: defaults for what a request leaves unset (temperature, top_p, top_k; default: a loaded checkpoint's
-    generation_config.json, else OpenAI's)."""
+    generation_config.json, else OpenAI's). metrics_require_key: /metrics needs the API key too (scrapers such as
+    Prometheus can send a bearer token); off by default so existing scrapers keep working."""
     from ..loader import load
     from .launch import build_engine
 
@@ -189,7 +278,8 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
 
     app = FastAPI(title="glm5", lifespan=lifespan)
     app.state.glm5 = state
-    app.add_middleware(_Gate, state=state)
+    app.add_middleware(_Gate, state=state, metrics_require_key=metrics_require_key)
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -206,11 +296,6 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
     async def _validation_error(request, e: RequestValidationError):
         msg, param = _validation_message(list(e.errors()))
         return _error_response(400, msg, param=param, code="invalid_value")
-
-    @app.exception_handler(Exception)
-    async def _internal(request, e: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error_response(500, f"internal server error: {type(e).__name__}: {e}", code="internal_error")
 
     @app.get("/health")
     async def health():

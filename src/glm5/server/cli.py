@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     s.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000; 0: any free port)")
     s.add_argument("--api-key", default=os.environ.get("GLM5_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLM5_API_KEY, else no key)")
+    s.add_argument("--metrics-require-key", action="store_true",
+                   help="require the --api-key on /metrics too (default: /metrics is open, as vLLM's is, so a "
+                   "scraper without the key keeps working; /health stays open either way)")
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine batch (the KV cache is sized "
                    "for this many at full context)")
@@ -82,7 +85,7 @@ def _serve(args, sock: socket.socket) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mib * MIB), max_tokens=args.max_tokens, max_queue=args.max_queue)
     name = args.served_model_name or loaded.name
     app = create_app(engine, tokenizer=loaded.tokenizer, model_name=name, api_key=args.api_key or None,
-                     limits=limits, sampling=loaded.sampling)
+                     limits=limits, sampling=loaded.sampling, metrics_require_key=args.metrics_require_key)
     for line in startup_lines(engine, name, args.host, sock.getsockname()[1], bool(args.api_key)):
         print(f"glm5 serve: {line}", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -21,7 +21,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..chat import ChatFormatError, render_chat
+from ..chat import ChatFormatError, normalize_tools, render_chat
 from ..chat_parse import StreamingParser
 from .outputs import SampleText, TokenInfo, token_text
 from .protocol import (
@@ -83,7 +83,11 @@ def _chat_logprobs(state: ServerState, toks: list[TokenInfo]) -> ChatLogprobs:
 
 def _tool_setup(req: ChatCompletionRequest):
     """→ (tools for the prompt, parse tool calls?, forced function name or None)."""
-    tools, choice = req.tools or None, req.tool_choice
+    try:
+        tools = normalize_tools(req.tools or None)
+    except ChatFormatError as e:
+        raise APIError(400, str(e), param="tools", code="invalid_value") from None
+    choice = req.tool_choice
     names = [(t.get("function") or {}).get("name") for t in tools or ()]
     if choice is not None and choice != "none" and not tools:
         raise APIError(400, f"tool_choice {choice if isinstance(choice, str) else 'function'!r} needs `tools`",

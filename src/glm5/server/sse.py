@@ -4,24 +4,48 @@
 < 2.4; here always), and runs `on_close` however the stream ends: finished, client gone, or cancelled by a server
 shutdown. That is what frees a vanished client's cache blocks: on_close aborts the run. Leaving the generator to
 the garbage collector would free them at some unknown later time.
+
+Once a stream has started, its status (200) is sent: an error after that can only be told in the stream. The body
+is wrapped so that any exception the generator raises ends the stream as OpenAI's does, with an error event and
+`data: [DONE]`, rather than a torn connection (which clients report as a network error and retry).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from .protocol import APIError
+
+log = logging.getLogger("glm5.server")
+
 
 def sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
+async def _guarded(body: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        async for event in body:
+            yield event
+    except Exception as e:
+        log.exception("error inside a stream")
+        err = e if isinstance(e, APIError) else APIError(500, f"internal server error: {type(e).__name__}: {e}",
+                                                         code="internal_error")
+        yield sse(json.dumps(err.body()))
+        yield sse("[DONE]")
+    finally:
+        await body.aclose()
+
+
 class SSEResponse(StreamingResponse):
     def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(body, media_type="text/event-stream",
+        super().__init__(_guarded(body), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.on_close = on_close
 

@@ -1,0 +1,174 @@
+"""Hostile and broken requests: bodies that used to raise 500s are 400s naming the field; an exception inside a
+stream ends it with an error event and [DONE]; a 500 keeps the client's keep-alive connection; /metrics labels
+stay bounded and can need the API key; /openapi.json carries the real request and response schemas.
+"""
+
+import http.client
+import json
+import httpx
+import pytest
+
+from glm5.cli import main as glm5_main
+from glm5.server import serving
+
+from .server_util import ScriptedEngine, script, start, tiny_engine
+
+CHAT = "/v1/chat/completions"
+USER = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def live():
+    srv = start(tiny_engine())
+    yield srv
+    srv.stop()
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def _tool(fn) -> dict:
+    return {"messages": USER, "max_tokens": 2, "tools": [{"type": "function", "function": fn}]}
+
+
+# ------------------------------------------------------------------------------------------------ 400, not 500
+@pytest.mark.parametrize("fn, field", [
+    ("get_weather", "tools[0].function"),
+    ({"name": "f", "parameters": "x"}, "tools[0].function.parameters"),
+    ({"name": "f", "parameters": [1]}, "tools[0].function.parameters"),
+    ({"name": "f", "parameters": {"type": "object", "properties": ["a", "b"]}},
+     "tools[0].function.parameters.properties"),
+])
+def test_malformed_tools_are_400s_naming_the_field(live, fn, field):
+    e = _error(httpx.post(live.url + CHAT, json=_tool(fn), timeout=30), 400)
+    assert e["param"] == "tools" and e["message"].startswith(field + ":"), e
+
+
+def test_lone_surrogate_is_a_400(live):
+    c = httpx.Client(base_url=live.url, timeout=30)
+    body = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
+    e = _error(c.post(CHAT, content=body, headers={"content-type": "application/json"}), 400)
+    assert e["param"] == "messages" and "messages[0].content" in e["message"] and "surrogate" in e["message"]
+    e = _error(c.post("/v1/completions", content=b'{"prompt": ["ok", "\\udfff"], "max_tokens": 2}'), 400)
+    assert e["param"] == "prompt" and "prompt[1]" in e["message"]
+    assert c.post(CHAT, json={"messages": USER, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("depth", [100, 10_000])
+def test_deeply_nested_json_is_a_400(live, depth):
+    deep = b"[" * depth + b"]" * depth
+    body = b'{"messages": [{"role": "user", "content": "hi", "extra": ' + deep + b'}], "max_tokens": 2}'
+    e = _error(httpx.post(live.url + CHAT, content=body, timeout=30), 400)
+    assert e["code"] == "invalid_json" and "nested deeper" in e["message"]
+
+
+# ----------------------------------------------------------------------------------- failures keep connections
+def test_exception_inside_a_stream_ends_with_error_event_and_done(monkeypatch):
+    srv = start(ScriptedEngine(script("</think>hello there")))
+    try:
+        def boom(d):
+            raise RuntimeError("delta exploded")
+        monkeypatch.setattr(serving, "_delta", boom)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            with c.stream("POST", CHAT, json={"messages": USER, "stream": True}) as r:
+                assert r.status_code == 200
+                events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+            assert events[-1] == "[DONE]", events
+            err = json.loads(events[-2])["error"]
+            assert err["code"] == "internal_error" and "delta exploded" in err["message"]
+            monkeypatch.undo()
+            assert c.post(CHAT, json={"messages": USER}).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_500_keeps_the_keep_alive_connection(monkeypatch):
+    srv = start(ScriptedEngine(script("</think>fine")))
+    try:
+        def boom(*a):
+            raise RuntimeError("usage exploded")
+        monkeypatch.setattr(serving, "_usage", boom)
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        body = json.dumps({"messages": USER})
+        conn.request("POST", CHAT, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        err = json.loads(r.read())["error"]
+        assert r.status == 500 and err["code"] == "internal_error" and "usage exploded" in err["message"]
+        assert not r.will_close, "the server closed the connection after a 500"
+        sock = conn.sock
+        monkeypatch.undo()
+        conn.request("POST", CHAT, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["content"] == "fine"
+        assert conn.sock is sock  # the same connection served both
+        conn.close()
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+def test_metrics_labels_are_bounded():
+    srv = start(ScriptedEngine(script("</think>x")))
+    try:
+        c = httpx.Client(base_url=srv.url, timeout=30)
+        for i in range(20):
+            c.request(f"BREW{i}", f"/coffee/{i}")
+            c.get(f"/nowhere/{i}")
+        lines = [ln for ln in c.get("/metrics").text.splitlines() if ln.startswith("glm5_http_requests_total{")]
+        assert 'glm5_http_requests_total{method="other",route="other",status="404"} 20' in lines, lines
+        assert 'glm5_http_requests_total{method="GET",route="other",status="404"} 20' in lines, lines
+        assert not any("BREW" in ln or "coffee" in ln or "nowhere" in ln for ln in lines)
+    finally:
+        srv.stop()
+
+
+def test_metrics_can_require_the_api_key(capsys):
+    srv = start(ScriptedEngine(script("</think>x")), api_key="sekrit", metrics_require_key=True)
+    try:
+        c = httpx.Client(base_url=srv.url, timeout=30)
+        assert _error(c.get("/metrics"), 401)["code"] == "invalid_api_key"
+        assert c.get("/metrics", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert c.get("/health").status_code == 200  # a liveness probe needs no key
+    finally:
+        srv.stop()
+    with pytest.raises(SystemExit):
+        glm5_main(["serve", "--help"])
+    assert "--metrics-require-key" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------- openapi
+def _resolve(spec: dict, node):
+    """Every $ref under node points at a schema in components."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            name = node["$ref"].removeprefix("#/components/schemas/")
+            assert name in spec["components"]["schemas"], node["$ref"]
+        for v in node.values():
+            _resolve(spec, v)
+    elif isinstance(node, list):
+        for v in node:
+            _resolve(spec, v)
+
+
+def test_openapi_describes_the_request_and_response_bodies(live):
+    c = httpx.Client(base_url=live.url, timeout=30)
+    spec = c.get("/openapi.json").json()
+    _resolve(spec, spec)
+    schemas = spec["components"]["schemas"]
+    for path, name, required in ((CHAT, "ChatCompletionRequest", "messages"),
+                                 ("/v1/completions", "CompletionRequest", "prompt")):
+        op = spec["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert required in schemas[name]["required"]
+        assert {"max_tokens", "temperature", "stream", "n"} <= set(schemas[name]["properties"])
+        assert op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    # the answers the server sends have the keys the schema declares
+    answer = c.post(CHAT, json={"messages": USER, "max_tokens": 2}).json()
+    resp = schemas["ChatCompletion"]
+    assert set(resp["required"]) <= set(answer) <= set(resp["properties"])
+    choice = schemas["ChatChoice"]
+    assert set(choice["required"]) <= set(answer["choices"][0]) <= set(choice["properties"])
