@@ -16,6 +16,13 @@ Design notes:
   - Stop strings are matched here only when the engine was given `detokenize(token_ids) -> str` (the server's
     tokenizer); the output then carries `stop_reason` = the string and the layer above trims the text, as vLLM's
     detokenizer does. Without a detokenizer a request with stop strings is refused at add time.
+  - One request never fails another: token ids are checked against the vocabulary at add time (RequestError), and
+    what goes wrong in a step for one request (non-finite logits, a sampler or detokenizer error) ends only that
+    request, with finish_reason "abort" and the reason in `error`; the batch-wide model call is the only part whose
+    failure still fails the step.
+  - vocab_limit: a checkpoint may carry more lm_head rows than its tokenizer has tokens (GLM-5 pads to 154880);
+    the rows past the limit are cut off the logits, so they are never sampled nor reported in top_logprobs (vLLM's
+    LogitsProcessor likewise drops padded vocabulary columns before sampling).
   - update_weights: in-flight sequences keep the KV they computed under the old weights (each token reports the
     version that sampled it) unless recompute_running=True preempts them all so they recompute; the prefix cache
     is emptied either way, so no new request reuses stale KV.
@@ -57,6 +64,7 @@ class StepOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    error: str | None = None  # set (with finish_reason "abort") when the engine failed this request, not its client
     # add_request(return_hidden=True), on the finishing output: [prompt + output - 1, D] fp32 final-norm hidden
     # states of every token fed to the model (the last token is never fed), as a full forward would compute them
     hidden: torch.Tensor | None = None
@@ -74,6 +82,7 @@ class Generation:
     policy_versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -96,7 +105,7 @@ class _SeqState(SeqSampling):
 class Engine:
     def __init__(self, model, *, cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, eos_token_ids: list[int] | None = None,
-                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0):
+                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0, vocab_limit: int | None = None):
         cfg = model.config
         self.model, self.config = model, cfg
         w = model.lm_head.weight
@@ -118,6 +127,14 @@ class Engine:
         self.runner = ModelRunner(model, self.cache)
         self.max_model_len = min(cfg.max_position_embeddings, num_blocks * block_size)
         self.eos_token_ids = list(cfg.eos_token_id if eos_token_ids is None else eos_token_ids)
+        # Token ids a request may carry or be sampled: the tokenizer's, when the checkpoint pads its vocabulary.
+        if vocab_limit is not None and not (isinstance(vocab_limit, int) and vocab_limit >= 1):
+            raise ValueError(f"vocab_limit must be an integer >= 1 (the tokenizer's size), got {vocab_limit!r}")
+        self.vocab_limit = cfg.vocab_size if vocab_limit is None else min(vocab_limit, cfg.vocab_size)
+        bad_eos = [t for t in self.eos_token_ids if not (isinstance(t, int) and 0 <= t < self.vocab_limit)]
+        if bad_eos:
+            raise ValueError(f"eos_token_ids {bad_eos} are not token ids in [0, {self.vocab_limit}) (vocab_limit "
+                             f"{vocab_limit}, config vocab_size {cfg.vocab_size})")
         self.detokenize = detokenize
         self.policy_version = 0
         self._seeds = random.Random(seed)
@@ -126,7 +143,7 @@ class Engine:
         self.requests: dict[str, _RequestState] = {}
         self._pending: list[StepOutput] = []  # outputs made outside step() (aborts), returned by the next step()
         self.counters = {"prompt_tokens": 0, "computed_tokens": 0, "generation_tokens": 0, "steps": 0,
-                         "finished_requests": 0, "aborted_requests": 0}
+                         "finished_requests": 0, "aborted_requests": 0, "failed_requests": 0}
 
     # -- requests --------------------------------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None, *,
@@ -137,12 +154,10 @@ class Engine:
         params = SamplingParams() if params is None else params
         params.validate()
         prompt = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
-        V = self.config.vocab_size
         if not prompt:
             raise RequestError("prompt is empty: at least one token id is needed")
-        if not all(isinstance(t, int) and 0 <= t < V for t in prompt):
-            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < V))
-            raise RequestError(f"prompt token {bad!r} is not a token id in [0, {V})")
+        self._check_ids("prompt token", prompt)
+        self._check_ids("stop_token_ids entry", params.stop_token_ids)
         if return_hidden and params.n > 1:
             raise RequestError("return_hidden needs n = 1: forked samples share the prompt's cached blocks")
         if params.stop and self.detokenize is None:
@@ -171,6 +186,12 @@ class Engine:
         self.counters["prompt_tokens"] += len(prompt)
         return request_id
 
+    def _check_ids(self, what: str, ids: list):
+        V = self.vocab_limit
+        for t in ids:
+            if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V):
+                raise RequestError(f"{what} {t!r} is not a token id in [0, {V})")
+
     def _new_seq(self, req: _RequestState, index: int, max_tokens: int) -> Sequence:
         p = req.params
         state = _SeqState(p, make_generator(req.seed + index, self.device), [] if p.ignore_eos else self.eos_token_ids,
@@ -183,6 +204,13 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        self._pending += self._end(req, None)
+        self.counters["aborted_requests"] += 1
+        return True
+
+    def _end(self, req: _RequestState, error: str | None) -> list[StepOutput]:
+        """Finish every sample of req still open with "abort" (error: why the engine failed it) and free its blocks."""
+        outs = []
         for i in range(req.params.n):
             if i in req.done:
                 continue
@@ -190,10 +218,16 @@ class Engine:
             if seq is not None:
                 self.scheduler.finish(seq)
             n_out = len(seq.output_ids) if seq is not None else 0
-            self._pending.append(StepOutput(request_id, i, [], [], [], None, [], True, "abort", None,
-                                            len(req.prompt), n_out))
-        self.counters["aborted_requests"] += 1
-        return True
+            outs.append(StepOutput(req.request_id, i, [], [], [], None, [], True, "abort", None, len(req.prompt),
+                                   n_out, error=error))
+        return outs
+
+    def _fail(self, request_id: str, error: str) -> list[StepOutput]:
+        req = self.requests.pop(request_id, None)
+        if req is None:  # already finished
+            return []
+        self.counters["failed_requests"] += 1
+        return self._end(req, f"request {request_id!r} failed in the engine: {error}")
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._pending)
@@ -211,6 +245,15 @@ class Engine:
         self.counters["steps"] += 1
         if not seqs:
             return outputs
+        if self.vocab_limit < logits_BV.shape[-1]:  # padded lm_head rows are no tokens (see the module notes)
+            logits_BV = logits_BV[:, :self.vocab_limit]
+        failed: dict[str, str] = {}  # request id -> why this step failed it
+        # Non-finite raw logits (a NaN in the weights or an overflow) would sample garbage or an arbitrary argmax:
+        # fail those requests loudly. One [B] reduction and one sync per step.
+        finite_B = torch.isfinite(logits_BV).all(-1).tolist()
+        for seq, ok in zip(seqs, finite_B):
+            if not ok:
+                failed[seq.request_id] = "the model produced non-finite logits (NaN or inf)"
         rows, row_seqs = [], []
         for i, seq in enumerate(seqs):
             rows.append(i)
@@ -222,16 +265,21 @@ class Engine:
                     req.seqs[j] = self._new_seq(req, j, seq.state.max_tokens)
                     rows.append(i)
                     row_seqs.append(req.seqs[j])
-        rows_t = torch.tensor(rows, device=logits_BV.device)
-        got = sample(logits_BV[rows_t], [s.state for s in row_seqs], [s.output_ids for s in row_seqs])
+        got = self._sample(logits_BV, rows, row_seqs, failed)
         forked = []
         for r, seq in enumerate(row_seqs):
-            tok = got.tokens[r]
+            if seq.request_id in failed:
+                continue
+            tok = got[r][0]
             seq.tokens.append(tok)
             self.counters["generation_tokens"] += 1
-            reason, stop_reason = self._check_stop(seq, tok)
-            out = StepOutput(seq.request_id, seq.index, [tok], [got.logprobs[r]], [got.sampling_logprobs[r]],
-                             [got.top_logprobs[r]] if got.top_logprobs[r] is not None else None,
+            try:
+                reason, stop_reason = self._check_stop(seq, tok)
+            except Exception as e:  # e.g. a detokenizer that cannot decode: this request's problem only
+                failed[seq.request_id] = f"stop check failed: {type(e).__name__}: {e}"
+                continue
+            _, lp, slp, top = got[r]
+            out = StepOutput(seq.request_id, seq.index, [tok], [lp], [slp], [top] if top is not None else None,
                              [self.policy_version], reason is not None, reason, stop_reason,
                              seq.prompt_len, len(seq.output_ids))
             outputs.append(out)
@@ -242,8 +290,38 @@ class Engine:
             elif seq.status != RUNNING:  # a fresh fork: queue it to compute its partial block and first token
                 forked.append(seq)
         for seq in reversed(forked):
-            self.scheduler.add(seq, front=True)
+            if seq.request_id not in failed:
+                self.scheduler.add(seq, front=True)
+        for rid, why in failed.items():
+            outputs += self._fail(rid, why)
         return outputs
+
+    def _sample(self, logits_BV: torch.Tensor, rows: list[int], row_seqs: list[Sequence],
+                failed: dict[str, str]) -> list[tuple | None]:
+        """(token, logprob, sampling logprob, top logprobs) per row, None for rows of failed requests. The batch is
+        sampled at once; if that raises, row by row, so only the requests whose rows raise are failed."""
+        live = [r for r, s in enumerate(row_seqs) if s.request_id not in failed]
+        res: list[tuple | None] = [None] * len(row_seqs)
+
+        def draw(rs: list[int]):
+            idx = torch.tensor([rows[r] for r in rs], device=logits_BV.device)
+            g = sample(logits_BV[idx], [row_seqs[r].state for r in rs], [row_seqs[r].output_ids for r in rs])
+            for j, r in enumerate(rs):
+                res[r] = (g.tokens[j], g.logprobs[j], g.sampling_logprobs[j], g.top_logprobs[j])
+
+        if not live:
+            return res
+        try:
+            draw(live)
+        except Exception:
+            for r in live:
+                if row_seqs[r].request_id in failed:
+                    continue
+                try:
+                    draw([r])
+                except Exception as e:
+                    failed[row_seqs[r].request_id] = f"sampling failed: {type(e).__name__}: {e}"
+        return res
 
     def _check_stop(self, seq: Sequence, tok: int) -> tuple[str | None, int | str | None]:
         st: _SeqState = seq.state
@@ -321,7 +399,7 @@ class Engine:
             g.top_logprobs += o.top_logprobs or []
             g.policy_versions += o.policy_versions
             if o.finished:
-                g.finish_reason, g.stop_reason = o.finish_reason, o.stop_reason
+                g.finish_reason, g.stop_reason, g.error = o.finish_reason, o.stop_reason, o.error
         return [[r[k] for k in sorted(r)] for r in results]
 
     # -- stats -----------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Order of processing (each step, per row): raw logits -> min_tokens mask (eos / stop ids get -inf until min_tokens
 outputs exist) -> presence / frequency penalties (OpenAI's definition, over generated tokens only) -> greedy argmax
-if temperature == 0, else divide by temperature -> min_p -> top_k -> top_p -> draw.
+if temperature < 1e-5 (vLLM's _SAMPLING_EPS; dividing by a tinier one can overflow fp32 logits to inf and sample
+NaN), else divide by temperature -> min_p -> top_k -> top_p -> draw.
 
 Log-probs reported per sampled token (RL needs the first, debugging sampling the second):
   - `logprob`: log_softmax of the raw model logits (fp32), before any processing: the policy's own probability,
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy, as vLLM's sampling_params.py (_SAMPLING_EPS)
+
 
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
     min_p: float = 0.0
@@ -50,7 +53,7 @@ class SamplingParams:
     def validate(self):
         checks = [
             (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (0 <= self.temperature < float("inf"), f"temperature must be a finite number >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (isinstance(self.top_k, int) and self.top_k >= -1, f"top_k must be -1, 0 (off) or >= 1, got {self.top_k!r}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
@@ -72,7 +75,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
