@@ -207,3 +207,45 @@ def test_build_engine_limits_to_the_tokenizer(model):
     g = eng.generate([P_GOOD], SamplingParams(temperature=1.0, max_tokens=10, seed=0, stop=["never"],
                                               ignore_eos=True))[0][0]
     assert g.error is None and len(g.token_ids) == 10 and all(t < 300 for t in g.token_ids)
+
+
+# -- the server: a request the engine failed is an error for its client, and only for it --------------------------
+def test_server_reports_a_failed_request_as_an_error_and_serves_the_others():
+    import httpx
+
+    from .server_util import start, tiny_engine
+
+    eng = tiny_engine()
+    execute = eng.runner.execute
+
+    def poison(plan):  # NaN logits for every sequence whose prompt starts with the token of "poison"
+        seqs, logits = execute(plan)
+        logits = logits.clone()
+        for i, s in enumerate(seqs):
+            if s.request_id.startswith("cmpl-") and eng.requests[s.request_id].prompt[0] == POISON:
+                logits[i] = float("nan")
+        return seqs, logits
+
+    eng.runner.execute = poison
+    srv = start(eng)
+    try:
+        _check_failed_request_is_an_error(srv)
+    finally:
+        srv.stop()
+
+
+def _check_failed_request_is_an_error(srv):
+    import httpx
+
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        body = {"model": "tiny", "max_tokens": 4, "temperature": 0}
+        bad = c.post("/v1/completions", json={**body, "prompt": [POISON, 7, 8]})
+        assert bad.status_code == 500 and "non-finite logits" in bad.json()["error"]["message"]
+        good = c.post("/v1/completions", json={**body, "prompt": [5, 7, 8]})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+        with c.stream("POST", "/v1/completions", json={**body, "prompt": [POISON, 7, 8], "stream": True}) as r:
+            events = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert "non-finite logits" in events[-2] and events[-1] == "data: [DONE]"
+
+
+POISON = 11

@@ -141,6 +141,12 @@ class EngineWorker:
             sink = self._sinks.get(rid)
             if sink is None:  # aborted by its client: nobody listens
                 continue
+            errors = [o.error for o in group if getattr(o, "error", None)]
+            if errors:  # the engine failed this request alone (bad logits, a failing stop check): say so, loudly
+                self.failures += 1
+                del self._sinks[rid]
+                by_loop.setdefault(sink.loop, []).append((sink.queue, EngineFailure(errors[0])))
+                continue
             sink.remaining -= sum(o.finished for o in group)
             if sink.remaining <= 0:
                 del self._sinks[rid]
