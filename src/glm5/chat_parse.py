@@ -6,9 +6,11 @@ and `glm47` tool-call parser (vllm/tool_parsers/glm47_moe_tool_parser.py on top 
   to `</think>` is reasoning; with no `</think>` at all, everything is reasoning (the model ran out of tokens while
   thinking). A leading `<think>` in the output is dropped. With thinking off, text is content unless it starts with
   `<think>`.
-- A tool call is `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>`. Keys and values are
-  stripped (as vLLM does); a value whose parameter the tool schema types as "string" stays verbatim, any other value
-  is parsed as JSON, else as a Python literal, else kept as a string. `arguments` is the JSON text of the object.
+- A tool call is `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>`. Names and keys are
+  stripped (as vLLM does). A value whose parameter's schema admits a string (`_is_string`: a type or type list,
+  anyOf / oneOf, a string enum / const) stays verbatim, surrounding whitespace included; any other value is
+  stripped and parsed as JSON, else as a Python literal, else kept as a string. `arguments` is the JSON text of the
+  object. Content that is only whitespace around tool calls is None (null), as vLLM and SGLang return it.
 Where this differs from vLLM, on purpose, so streaming and whole-text parsing always agree: text after a tool call
 is kept as content (vLLM drops it); a block that does not parse (no name, stray text between arguments, a nested
 <tool_call>) and an unterminated block at the end of the output are returned as content text, verbatim, rather than
@@ -50,21 +52,42 @@ class ParsedOutput:
         return msg
 
 
+def _is_string(schema: Any, depth: int = 0) -> bool:
+    """The JSON schema admits a string: `type: "string"`, a type list holding "string" (["string", "null"] is
+    `Optional[str]`), an `anyOf` / `oneOf` branch that does, or a string `enum` / `const`. Such a value is kept
+    verbatim, so "12345678" for an Optional[str] stays a string (vLLM's glm4_moe only looks at `type == "string"`
+    and turns it into a number)."""
+    if not isinstance(schema, Mapping) or depth > 16:  # schemas come from requests: bound the recursion
+        return False
+    t = schema.get("type")
+    if t == "string" or (isinstance(t, list) and "string" in t):
+        return True
+    if isinstance(schema.get("const"), str):
+        return True
+    enum = schema.get("enum")
+    if isinstance(enum, list) and any(isinstance(e, str) for e in enum):
+        return True
+    return any(_is_string(b, depth + 1) for k in ("anyOf", "oneOf")
+               if isinstance(schema.get(k), list) for b in schema[k])
+
+
 def _string_params(tools: Any) -> dict[str, set[str]]:
-    """tool name → parameter names whose JSON schema type is "string"."""
+    """tool name → parameter names whose JSON schema admits a string (`_is_string`)."""
     out: dict[str, set[str]] = {}
     for t in tools or ():
         fn = t.get("function", t) if isinstance(t, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
             continue
-        props = (fn.get("parameters") or {}).get("properties") or {}
-        out[fn["name"]] = {k for k, v in props.items() if isinstance(v, Mapping) and v.get("type") == "string"}
+        params = fn.get("parameters")
+        props = (params.get("properties") if isinstance(params, Mapping) else None) or {}
+        out[fn["name"]] = {k for k, v in props.items() if _is_string(v)} if isinstance(props, Mapping) else set()
     return out
 
 
 def _value(raw: str, is_string: bool) -> Any:
-    if is_string:
+    if is_string:  # verbatim, surrounding whitespace included (it may be the point: code, indented text)
         return raw
+    raw = raw.strip()
     try:
         return json.loads(raw)
     except ValueError:
@@ -103,7 +126,7 @@ def parse_tool_call(body: str, string_params: Mapping[str, set[str]]) -> tuple[s
         v_end = body.find(END_VAL, pos)
         if v_end < 0 or not key or KEY in key:
             return None
-        args[key] = _value(body[pos + len(VAL):v_end].strip(), key in strings)
+        args[key] = _value(body[pos + len(VAL):v_end], key in strings)
         pos = v_end + len(END_VAL)
         while pos < len(body) and body[pos].isspace():
             pos += 1
@@ -145,7 +168,10 @@ def parse_output(text: str, *, thinking: bool = True, tools: Any = None, parse_t
             calls.append(_call(len(calls), *parsed, make_id))
         pos = end + len(END_CALL)
     content.append(s[pos:])
-    return ParsedOutput(reasoning or None, "".join(content) or None, calls)
+    text = "".join(content)
+    if calls and not text.strip():  # only whitespace around the calls: no content (vLLM and SGLang give null)
+        text = ""
+    return ParsedOutput(reasoning or None, text or None, calls)
 
 
 def _held(buf: str, tag: str) -> int:
@@ -172,6 +198,7 @@ class StreamingParser:
         self._buf = ""
         self._reasoning: list[str] = []
         self._content: list[str] = []
+        self._ws = ""  # leading whitespace-only content, held: it is dropped if tool calls follow and nothing else
         self.tool_calls: list[dict] = []
         self.finished = False
 
@@ -192,6 +219,10 @@ class StreamingParser:
                 self._state = "reasoning" if self.thinking else "content"
             self._emit(out, "reasoning_content" if self._state == "reasoning" else "content", self._buf)
             self._buf = ""
+            if self._ws and not self.tool_calls:
+                self._content.append(self._ws)
+                out.append({"content": self._ws})
+            self._ws = ""
             self.finished = True
         return out
 
@@ -199,6 +230,11 @@ class StreamingParser:
         return ParsedOutput("".join(self._reasoning) or None, "".join(self._content) or None, list(self.tool_calls))
 
     def _emit(self, out: list[dict], kind: str, text: str) -> None:
+        if kind == "content" and not self._content:  # nothing shown yet: hold whitespace until text decides it
+            text, self._ws = self._ws + text, ""
+            if not text.strip():
+                self._ws = text
+                return
         if text:
             (self._reasoning if kind == "reasoning_content" else self._content).append(text)
             out.append({kind: text})

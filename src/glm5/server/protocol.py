@@ -154,6 +154,7 @@ class ToolCall(_Response):
 class ChatMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning: str | None = None  # current vLLM's name; reasoning_content (same text) for older clients
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
     _omit_unset = frozenset({"tool_calls"})
@@ -178,9 +179,10 @@ class ChatCompletion(_Response):
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None  # as in ChatMessage
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
-    _omit_unset = frozenset({"role", "content", "reasoning_content", "tool_calls"})
+    _omit_unset = frozenset({"role", "content", "reasoning", "reasoning_content", "tool_calls"})
 
 
 class ChatChunkChoice(_Response):

@@ -9,7 +9,8 @@ Chat specifics (decisions, each documented for clients in the README's server se
   (that is the instruction; 400 otherwise); the answer's content must then parse as JSON, else the request fails
   with 500 `invalid_json_output` (streamed: an error event before [DONE]). "json_schema" is refused (400).
 - `chat_template_kwargs`: `enable_thinking` (default true), `clear_thinking`, others go to a checkpoint's Jinja
-  template. Reasoning comes back as `reasoning_content` (message and deltas).
+  template. Reasoning comes back as `reasoning` (current vLLM) and as `reasoning_content` (older clients), the
+  same text in both (message and deltas).
 - Log-probs cover every shown token (reasoning included), the token that ended the sample excluded.
 """
 
@@ -171,7 +172,8 @@ async def chat_completions(state: ServerState, req: ChatCompletionRequest, reque
         res = s.parser.result()
         calls = [ToolCall(id=c["id"], type="function", function=FunctionCall(**c["function"]))
                  for c in res.tool_calls] or None
-        msg = ChatMessage(role="assistant", content=res.content, reasoning_content=res.reasoning_content,
+        msg = ChatMessage(role="assistant", content=res.content, reasoning=res.reasoning_content,
+                          reasoning_content=res.reasoning_content,
                           **({"tool_calls": calls} if calls else {}))
         choices.append(ChatChoice(index=i, message=msg, finish_reason=s.finish_reason,
                                   logprobs=_chat_logprobs(state, s.text.tokens) if req.logprobs else None))
@@ -229,6 +231,8 @@ def _delta(d: dict) -> ChatDelta:
     if "tool_calls" in d:
         return ChatDelta(tool_calls=[ToolCall(index=c["index"], id=c["id"], type="function",
                                               function=FunctionCall(**c["function"])) for c in d["tool_calls"]])
+    if "reasoning_content" in d:  # both names, as in the message
+        return ChatDelta(reasoning=d["reasoning_content"], reasoning_content=d["reasoning_content"])
     return ChatDelta(**d)
 
 
