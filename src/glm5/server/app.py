@@ -7,7 +7,12 @@ The engine thread starts with the app (lifespan startup) and stops after uvicorn
 stops accepting connections, lets in-flight responses (streams included) finish, then runs the lifespan shutdown.
 
 Request bodies are read and parsed here rather than by FastAPI's body binding, so every failure (malformed JSON,
-a wrong Content-Type, a field out of range) gets one OpenAI-style 400 with the field named in `param`.
+a wrong Content-Type, a field out of range) gets one OpenAI-style 400 with the field named in `param`. Parsing runs
+off the event loop, and a prompt whose text is provably longer than the context is refused before it is tokenised
+(tokenising 8 MB takes seconds, during which /health and every stream would stall).
+
+/docs and /redoc are off: FastAPI's pages load swagger-ui from a CDN, and the machine may be offline. /openapi.json
+stays (client generators and schema fuzzers read it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -191,6 +197,11 @@ def _check_tree(obj) -> None:
 
 async def _parse(request: Request, cls: type[BaseModel]):
     raw = await request.body()
+    # Off the loop: json.loads, the tree walk and pydantic over megabytes take long enough to stall other clients.
+    return await anyio.to_thread.run_sync(_parse_raw, raw, cls)
+
+
+def _parse_raw(raw: bytes, cls: type[BaseModel]):
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -206,6 +217,39 @@ async def _parse(request: Request, cls: type[BaseModel]):
     except ValidationError as e:
         msg, param = _validation_message(e.errors(include_url=False))
         raise APIError(400, msg, param=param, code="invalid_value") from None
+
+
+def _check_prompt_size(state: ServerState, req) -> None:
+    """400 for prompt text that cannot fit the context, decided without tokenising it: no token stands for more
+    than `state.max_token_bytes` bytes, so text of more than (context - 1) x that many bytes is at least a
+    context's worth of tokens. A lower bound only (typical text is ~4 bytes a token), so what passes is still
+    checked exactly after tokenising (runs.sampling_params)."""
+    per_tok, ctx = state.max_token_bytes, state.max_model_len
+    if not per_tok:
+        return
+    limit = (ctx - 1) * per_tok
+
+    def too_long(n_bytes: int, param: str):
+        if n_bytes > limit:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {param} has "
+                                f"{n_bytes} bytes of text, which is more than {ctx} tokens. Please shorten it.",
+                           param=param, code="context_length_exceeded")
+
+    if isinstance(req, CompletionRequest):
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        for t in texts:
+            if isinstance(t, str):  # token-id prompts are never tokenised
+                too_long(len(t.encode("utf-8")), "prompt")
+        return
+    total = 0
+    for m in req.messages:  # every message's content is rendered into the prompt
+        content = m.get("content")
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        for part in parts:
+            text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
+            if isinstance(text, str):
+                total += len(text.encode("utf-8"))
+    too_long(total, "messages")
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -276,7 +320,7 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
         yield
         state.worker.stop()
 
-    app = FastAPI(title="glm5", lifespan=lifespan)
+    app = FastAPI(title="glm5", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.glm5 = state
     app.add_middleware(_Gate, state=state, metrics_require_key=metrics_require_key)
     app.openapi = lambda: _openapi(app)
@@ -322,11 +366,15 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await chat_completions(state, await _parse(request, ChatCompletionRequest), request)
+        req = await _parse(request, ChatCompletionRequest)
+        _check_prompt_size(state, req)
+        return await chat_completions(state, req, request)
 
     @app.post("/v1/completions")
     async def complete(request: Request):
-        return await completions(state, await _parse(request, CompletionRequest), request)
+        req = await _parse(request, CompletionRequest)
+        _check_prompt_size(state, req)
+        return await completions(state, req, request)
 
     return app
 

@@ -1,4 +1,5 @@
-"""One HTTP request's life in the engine: admission (queue bound → 429), sampling parameters and limits (→ 400),
+"""One HTTP request's life in the engine: admission by cost (per-request size → 400, queue bound → 429), sampling
+parameters and limits (→ 400),
 submission through the worker, the stream of outputs, abort on every early exit, and its latency metrics.
 
 `Run` is an async context manager: leaving it for any reason (finished, client gone, error, cancellation) aborts
@@ -24,8 +25,14 @@ from .worker import EngineFailure, EngineWorker
 class Limits:
     max_body_bytes: int = 8 << 20
     max_tokens: int | None = None  # largest max_tokens a request may ask for (None: the context)
-    max_queue: int = 256  # requests accepted beyond the engine's running batch; more → 429
+    max_queue: int = 256  # sequences accepted beyond the engine's running batch; more → 429
     retry_after_s: int = 1
+    # One request's cost, refused (400) before any work starts. A request is prompts x n sequences: counting HTTP
+    # requests instead would let one `n: 128` over 300 prompts start 38,400 of them. Its response holds up to
+    # sequences x max_tokens tokens, each with 1 + top_logprobs entries: bounding that keeps a response from
+    # growing to gigabytes (a logprob entry is ~100 bytes of JSON, so the default is ~100 MB at worst).
+    max_seqs_per_request: int = 256
+    max_request_tokens: int = 1 << 20
 
 
 class ServerState:
@@ -41,7 +48,9 @@ class ServerState:
         self.created = int(time.time())
         sched = getattr(engine, "scheduler", None)
         self.max_running = getattr(sched, "max_num_seqs", 0)
-        self.max_in_flight = self.max_running + limits.max_queue
+        self.max_in_flight = self.max_running + limits.max_queue  # in sequences (prompts x n), not HTTP requests
+        self.seqs_in_flight = 0
+        self.max_token_bytes = _max_token_bytes(tokenizer)  # for refusing over-long text before tokenising it
 
     @property
     def max_model_len(self) -> int:
@@ -51,6 +60,14 @@ class ServerState:
         if name is not None and name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}` "
                                 f"(see /v1/models).", param="model", code="model_not_found")
+
+
+def _max_token_bytes(tok) -> int | None:
+    """The most bytes of text any one token stands for; None where the tokenizer cannot say (no bound is used)."""
+    try:
+        return max(len(tok.token_bytes(i)) for i in range(len(tok)))
+    except Exception:  # not byte-level, or a stand-in tokenizer: skip the early check, tokenising still checks
+        return None
 
 
 def new_id(prefix: str) -> str:
@@ -113,14 +130,40 @@ class Run:
     def num_prompt_tokens(self) -> int:
         return sum(map(len, self.prompts))
 
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    def check_cost(self):
+        """400 for a request larger than any one request may be (retrying cannot help, so not a 429)."""
+        lim, n, ctx = self.state.limits, self.params.n, self.state.max_model_len
+        what = f"{len(self.prompts)} prompt(s) x n={n}"
+        if self.num_seqs > lim.max_seqs_per_request:
+            raise APIError(400, f"This request asks for {self.num_seqs} sequences ({what}), above this server's "
+                                f"limit of {lim.max_seqs_per_request} per request (max_seqs_per_request). Send fewer "
+                                f"prompts or a smaller n.", param="n", code="request_too_large")
+        per_token = 1 + self.params.top_logprobs
+        tokens = sum(self.params.max_tokens or max(ctx - len(p), 0) for p in self.prompts) * n * per_token
+        if tokens > lim.max_request_tokens:
+            lp = f" x (1 + top_logprobs={self.params.top_logprobs})" if self.params.top_logprobs else ""
+            raise APIError(400, f"This request may generate {tokens} tokens and log-prob entries ({what} x "
+                                f"max_tokens{lp}), above this server's limit of {lim.max_request_tokens} per request "
+                                f"(max_request_tokens). Lower max_tokens, n, the number of prompts or logprobs.",
+                           param="max_tokens", code="request_too_large")
+
     async def __aenter__(self) -> Run:
         st, m = self.state, self.state.metrics
-        if m.in_flight >= st.max_in_flight:
+        self.check_cost()
+        # Capacity is counted in sequences; a request alone is always admitted (the check above bounds it), so a
+        # large request is not refused forever on a server whose queue is smaller than it.
+        if st.seqs_in_flight and st.seqs_in_flight + self.num_seqs > st.max_in_flight:
             m.rejected_queue_full += 1
-            raise APIError(429, f"The server is at capacity ({m.in_flight} requests in flight, limit "
-                                f"{st.max_in_flight}); retry after {st.limits.retry_after_s} s.",
+            raise APIError(429, f"The server is at capacity ({st.seqs_in_flight} sequences in flight, this request "
+                                f"adds {self.num_seqs}, limit {st.max_in_flight}); retry after "
+                                f"{st.limits.retry_after_s} s.",
                            code="queue_full", headers={"Retry-After": str(st.limits.retry_after_s)})
         m.in_flight += 1
+        st.seqs_in_flight += self.num_seqs
         self._admitted = True
         try:
             for rid, prompt in zip(self.rids, self.prompts):
@@ -153,6 +196,7 @@ class Run:
                 self.state.worker.abort(rid)
         m = self.state.metrics
         m.in_flight -= 1
+        self.state.seqs_in_flight -= self.num_seqs
         if self.completed:
             m.e2e.observe(time.perf_counter() - self.t0)
             m.prompt_tokens += self.num_prompt_tokens
