@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine batch (the KV cache is sized "
                    "for this many at full context)")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
-    s.add_argument("--max-queue", type=int, default=256, help="requests held beyond the running batch; more get 429")
+    s.add_argument("--max-queue", type=int, default=256, help="sequences (prompts x n) held beyond the running batch; "
+                   "more get 429")
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-mib", type=float, default=8.0, help="largest request body (413 above)")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="on SIGTERM, seconds to let in-flight "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -140,7 +141,9 @@ async def chat_completions(state: ServerState, req: ChatCompletionRequest, reque
                        param="chat_template_kwargs")
     tok = state.tok
     try:
-        r = render_chat(tok, req.messages, tools, enable_thinking=thinking, clear_thinking=clear, template_kwargs=kw)
+        # Rendering and tokenising a large prompt takes seconds: off the event loop, so /health and streams go on.
+        r = await anyio.to_thread.run_sync(lambda: render_chat(tok, req.messages, tools, enable_thinking=thinking,
+                                                                 clear_thinking=clear, template_kwargs=kw))
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
     prompt, prefix = list(r.ids), ""
@@ -271,7 +274,7 @@ async def completions(state: ServerState, req: CompletionRequest, request: Reque
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs needs prompt log-probs, which this server does not compute",
                        param="echo")
-    prompts = _prompts(state, req.prompt)
+    prompts = await anyio.to_thread.run_sync(_prompts, state, req.prompt)  # tokenising: off the event loop
     params = sampling_params(state, req, prompt_len=max(map(len, prompts)), max_tokens=req.max_tokens,
                              top_logprobs=req.logprobs or 0)
     n = params.n
