@@ -3,7 +3,6 @@ the sampler, the stop check) ends only the request it belongs to, padded vocabul
 near-zero temperatures are greedy. Faults are injected by wrapping the runner's model call or the sampler."""
 
 import pytest
-import torch
 
 import glm5
 import glm5.engine.engine as engine_mod
@@ -211,8 +210,6 @@ def test_build_engine_limits_to_the_tokenizer(model):
 
 # -- the server: a request the engine failed is an error for its client, and only for it --------------------------
 def test_server_reports_a_failed_request_as_an_error_and_serves_the_others():
-    import httpx
-
     from .server_util import start, tiny_engine
 
     eng = tiny_engine()
