@@ -30,10 +30,11 @@ def plot_run(out_dir: Path) -> list[Path]:
     hr = [(r["step"], r["hallucination_rate"]) for r in recs if r["hallucination_rate"] is not None]
     if hr:
         ax[0, 1].plot(*zip(*hr), marker=".", color="C3")
-    ax[0, 1].set(title="hallucination rate: wrong / (wrong + abstained), world + unknown", xlabel="step",
+    ax[0, 1].set(title="hallucination rate (world + unknown)\nwrong / (wrong + abstained)", xlabel="step",
                  ylim=(-0.02, 1.02))
     hist = Counter(s for r in recs for s in r["staleness"])
     ax[1, 0].bar(list(hist), list(hist.values()), color="C2")
+    ax[1, 0].set_xticks(sorted(hist))
     ax[1, 0].set(title="staleness of trained groups (policy versions)", xlabel="versions behind the trainer",
                  ylabel="groups")
     ax[1, 1].plot(steps, [r["icepop_masked_share"] for r in recs], marker=".", color="C4")
