@@ -46,6 +46,20 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def openai_scripted():
+    """An OpenAI client on a live server whose engine writes what a test scripts (tests/server_util.ScriptedEngine):
+    (client, engine)."""
+    import openai
+
+    from .server_util import ScriptedEngine, start
+
+    eng = ScriptedEngine([])
+    srv = start(eng)
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60), eng
+    srv.stop()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

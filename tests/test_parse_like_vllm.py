@@ -4,12 +4,11 @@ string-typed tool arguments verbatim, whitespace-only content around tool calls 
 
 import json
 
-import openai
 import pytest
 
 from glm5.chat_parse import StreamingParser, _string_params, aggregate, parse_output
 
-from .server_util import ScriptedEngine, script, start
+from .server_util import script
 
 
 def _tool(props: dict) -> list[dict]:
@@ -97,19 +96,11 @@ def test_content_with_text_or_without_calls_is_kept(text):
 
 
 # ------------------------------------------------------------------------------------- the server: both names
-@pytest.fixture(scope="module")
-def scripted():
-    eng = ScriptedEngine([])
-    srv = start(eng)
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60), eng
-    srv.stop()
-
-
 USER = [{"role": "user", "content": "hi"}]
 
 
-def test_server_reasoning_under_both_names_and_null_content(scripted):
-    client, eng = scripted
+def test_server_reasoning_under_both_names_and_null_content(openai_scripted):
+    client, eng = openai_scripted
     eng.script = script("Think.</think>\n" + _call(a=" 0042 "))
     tools = _tool({"a": {"anyOf": [{"type": "string"}, {"type": "null"}]}})
     r = client.chat.completions.create(model="tiny", messages=USER, tools=tools)

@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from .server_util import TOK, ScriptedEngine, script, start, tiny_engine
+from .server_util import TOK, script, start, tiny_engine
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -22,14 +22,6 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 @pytest.fixture(scope="module")
 def real():
     eng = tiny_engine()
-    srv = start(eng)
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60), eng
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def scripted():
-    eng = ScriptedEngine([])
     srv = start(eng)
     yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60), eng
     srv.stop()
@@ -176,8 +168,8 @@ def test_vllm_extensions(real):
     assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "length"
 
 
-def test_tool_round_trip_real_model(real, scripted):
-    """assistant tool_call → tool message → answer: the conversation renders (checked on the scripted engine's
+def test_tool_round_trip_real_model(real, openai_scripted):
+    """assistant tool_call → tool message → answer: the conversation renders (checked on the openai_scripted engine's
     recorded prompt) and the real model answers it."""
     msgs = USER + [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -187,7 +179,7 @@ def test_tool_round_trip_real_model(real, scripted):
     client, _ = real
     r = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=5, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5  # as above: no eos, no call
-    sclient, seng = scripted
+    sclient, seng = openai_scripted
     seng.script = script("</think>It is 22 C and sunny in Paris.")
     a = sclient.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=50)
     prompt = TOK.decode(seng.prompts[-1])
@@ -199,13 +191,13 @@ def test_tool_round_trip_real_model(real, scripted):
     assert m.content == "It is 22 C and sunny in Paris." and not m.tool_calls and a.choices[0].finish_reason == "stop"
 
 
-# ------------------------------------------------------------------------------- scripted engine: parser tests
+# ------------------------------------------------------------------------------- openai_scripted engine: parser tests
 TOOL_OUTPUT = ("Let me check.</think>I'll look it up.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris"
                "</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>")
 
 
-def test_tool_call_output_parsed(scripted):
-    client, eng = scripted
+def test_tool_call_output_parsed(openai_scripted):
+    client, eng = openai_scripted
     eng.script = script(TOOL_OUTPUT)
     r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS)
     c = r.choices[0]
@@ -226,8 +218,8 @@ def test_tool_call_output_parsed(scripted):
     assert "get_weather" not in TOK.decode(eng.prompts[-1])
 
 
-def test_named_tool_choice_forced(scripted):
-    client, eng = scripted
+def test_named_tool_choice_forced(openai_scripted):
+    client, eng = openai_scripted
     eng.script = script("<arg_key>city</arg_key><arg_value>Rome</arg_value></tool_call>")
     r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -240,8 +232,8 @@ def test_named_tool_choice_forced(scripted):
     assert e.value.body["param"] == "tool_choice" and "nope" in e.value.body["message"]
 
 
-def test_json_object(scripted):
-    client, eng = scripted
+def test_json_object(openai_scripted):
+    client, eng = openai_scripted
     msgs = [{"role": "user", "content": "Answer in JSON."}]
     eng.script = script('</think>{"city": "Paris", "temp": 22}')
     r = client.chat.completions.create(model="tiny", messages=msgs, response_format={"type": "json_object"})
@@ -258,8 +250,8 @@ def test_json_object(scripted):
         client.chat.completions.create(model="tiny", messages=USER, response_format={"type": "json_object"})
 
 
-def test_eos_hidden_and_counted(scripted):
-    client, eng = scripted
+def test_eos_hidden_and_counted(openai_scripted):
+    client, eng = openai_scripted
     eng.script = script("</think>Hi.")
     r = client.chat.completions.create(model="tiny", messages=USER, logprobs=True)
     assert r.choices[0].message.content == "Hi." and r.choices[0].finish_reason == "stop"

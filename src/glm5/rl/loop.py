@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -119,8 +118,10 @@ def check_config(cfg: RLConfig) -> None:
                 load_function(spec, what)
         except ValueError as e:
             raise RLError(f"glm5 rl: {flag}: {e}") from None
-    cfg_file = Path(cfg.model) / "config.json"
-    if cfg_file.is_file() and "quantization_config" in json.loads(cfg_file.read_text()):
+    from ..config import read_hf_config
+    from ..quant.format import read_quant_config
+
+    if (Path(cfg.model) / "config.json").is_file() and read_quant_config(*read_hf_config(cfg.model)) is not None:
         raise RLError(f"glm5 rl: {cfg.model} is an FP8 checkpoint; RL trains BF16/FP32 weights. Convert it first: "
                       f"glm5 quantize {cfg.model} OUT --to bf16")
 
@@ -228,7 +229,7 @@ class RLRun:
     def _state(self) -> dict:
         return {"step": self.step, "pushed": self.pushed, "next_prompt": self.next_prompt,
                 "inflight": sorted(set(self.inflight) | set(self.redo)), "skipped_samples": self.skipped_samples,
-                "dropped_failed": self.dropped_failed, "buffer": self.buffer.state_dict(), "config": _jsonable(asdict(self.cfg))}
+                "dropped_failed": self.dropped_failed, "buffer": self.buffer.state_dict(), "config": asdict(self.cfg)}
 
     def save(self) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -462,13 +463,3 @@ def _mean(xs) -> float | None:
 
 def _group_seed(seed: int, gid: int) -> int:
     return (seed * 1_000_003 + gid * 7919) % (1 << 31)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
