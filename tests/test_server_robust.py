@@ -1,17 +1,25 @@
 """Hostile and broken requests: bodies that used to raise 500s are 400s naming the field; an exception inside a
-stream ends it with an error event and [DONE]; a 500 keeps the client's keep-alive connection; /metrics labels
-stay bounded and can need the API key; /openapi.json carries the real request and response schemas.
+stream ends it with an error event and [DONE], and so does a server shutdown whose drain timeout expires; a 500
+keeps the client's keep-alive connection; /metrics labels stay bounded and can need the API key; /openapi.json
+carries the real request and response schemas.
 """
 
 import http.client
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
 import httpx
 import pytest
 
 from glm5.cli import main as glm5_main
-from glm5.server import serving
+from glm5.server import BackgroundServer, create_app, serving
 
-from .server_util import ScriptedEngine, script, start, tiny_engine
+from .server_util import TOK, ScriptedEngine, idle, script, start, tiny_engine, wait_for
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hello"}]
@@ -108,6 +116,78 @@ def test_500_keeps_the_keep_alive_connection(monkeypatch):
         conn.close()
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------------------ drain timeout expiry
+def _shutdown_error(events: list[str]) -> dict:
+    data = [e[6:] for e in events if e.startswith("data: ")]
+    assert data[-1] == "[DONE]", data[-3:]
+    err = json.loads(data[-2])["error"]
+    assert err["code"] == "server_shutting_down" and err["type"] == "service_unavailable", err
+    return err
+
+
+def test_drain_timeout_ends_running_requests_with_an_error():
+    """Shut down (what SIGTERM does) while a stream and a plain request run far longer than the drain timeout: the
+    stream ends with an error event and [DONE], the plain request gets a 503 JSON error, the engine lets go."""
+    eng = ScriptedEngine(script("x" * 5000), step_delay=0.02)  # 100 s of tokens: never done within the drain
+    srv = BackgroundServer(create_app(eng, tokenizer=TOK, model_name="tiny"), drain_timeout=0.5).start()
+    plain: list = []
+
+    def ask():
+        plain.append(httpx.post(srv.url + CHAT, json={"messages": USER}, timeout=60))
+
+    t = threading.Thread(target=ask)
+    t.start()
+    with httpx.Client(base_url=srv.url, timeout=60) as c, c.stream(
+            "POST", CHAT, json={"messages": USER, "stream": True}) as r:
+        lines = r.iter_lines()
+        events = [next(lines), next(lines)]
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        events += list(lines)  # a cut connection raises here (httpx: incomplete chunked read)
+    t.join(60)
+    stopper.join(60)
+    assert len([e for e in events if e.startswith("data: ")]) > 3  # it streamed tokens before the shutdown
+    _shutdown_error(events)
+    r = plain[0]
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+    assert idle(eng)
+
+
+def test_sigterm_drain_timeout_ends_a_stream_with_an_error():
+    """`glm5 serve --drain-timeout 0.5`, SIGTERM during a stream that needs seconds more: error event, [DONE],
+    exit status 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "glm5.server.cli", "serve", "--model", "tiny", "--port", str(port),
+                             "--threads", "1", "--log-level", "warning", "--drain-timeout", "0.5"],
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _health(url) or proc.poll() is not None, timeout=60, what="the server to start")
+        assert proc.poll() is None, proc.stdout.read().decode()
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream(
+                "POST", CHAT, json={"messages": USER, "max_tokens": 2000, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            events = [next(lines)]
+            proc.send_signal(signal.SIGTERM)
+            events += list(lines)
+        _shutdown_error(events)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _health(url) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------- metrics

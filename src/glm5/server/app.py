@@ -12,7 +12,9 @@ off the event loop, and a prompt whose text is provably longer than the context 
 (tokenising 8 MB takes seconds, during which /health and every stream would stall).
 
 /docs and /redoc are off: FastAPI's pages load swagger-ui from a CDN, and the machine may be offline. /openapi.json
-stays (client generators and schema fuzzers read it).
+stays (client generators and schema fuzzers read it). "/" is a chat page (static/chat.html, one self-contained file,
+as llama.cpp's server has): served without the API key, which the page asks for and sends to /v1 itself; its
+Content-Security-Policy lets it load nothing from other origins.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from .protocol import (
     APIError,
@@ -42,15 +44,20 @@ from .protocol import (
 )
 from .runs import Limits, ServerState
 from .serving import chat_completions, completions
+from .sse import FINAL_WRITE_S, shutdown_error
 
 log = logging.getLogger("glm5.server")
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 # /metrics labels stay bounded whatever clients send: other methods and paths count as "other".
 METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE")
 # JSON nested deeper than this is refused (400): no OpenAI request nests so deep, and Python's JSON reader and
 # every later recursive walk (pydantic, json.dumps of tool schemas, Jinja) would otherwise hit the recursion limit.
 MAX_JSON_DEPTH = 64
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+# Everything the page needs is inline; other origins (a CDN, a tracker) are refused by the browser.
+CHAT_PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                 "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class _BodyTooLarge(HTTPException):
@@ -86,6 +93,16 @@ class _Gate:
 
         try:
             await self._gated(scope, receive, send_counted, path)
+        except anyio.get_cancelled_exc_class():
+            # uvicorn cancels what still runs when the drain timeout (--drain-timeout) expires. A request that has
+            # not answered yet gets a 503 it can retry elsewhere, not uvicorn's plain-text 500; streams answer for
+            # themselves (sse.py). Not re-raised: this task's one job, the response, is then complete.
+            if started[0]:
+                raise
+            status[0] = 503
+            e = shutdown_error()
+            with anyio.move_on_after(FINAL_WRITE_S, shield=True):
+                await JSONResponse(e.body(), status_code=503, headers={"Connection": "close"})(scope, receive, send)
         except Exception as e:
             # Answered here, not by an app.exception_handler(Exception): Starlette re-raises after such a handler
             # and uvicorn then drops the connection, so a client's keep-alive socket would die with every 500.
@@ -318,7 +335,9 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
     async def lifespan(app):
         state.worker.start()
         yield
-        state.worker.stop()
+        # Off the loop: joining the engine thread blocks, and the streams cancelled at the drain timeout are still
+        # writing their final events.
+        await anyio.to_thread.run_sync(state.worker.stop)
 
     app = FastAPI(title="glm5", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.glm5 = state
@@ -340,6 +359,13 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
     async def _validation_error(request, e: RequestValidationError):
         msg, param = _validation_message(list(e.errors()))
         return _error_response(400, msg, param=param, code="invalid_value")
+
+    chat_page = CHAT_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(chat_page, headers={"Content-Security-Policy": CHAT_PAGE_CSP,
+                                                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():

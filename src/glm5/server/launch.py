@@ -36,7 +36,8 @@ def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8000, log_level:
 class BackgroundServer:
     """uvicorn on a free 127.0.0.1 port in a daemon thread (tests, benchmarks, `glm5 chat` in-process)."""
 
-    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 drain_timeout: float = 5.0):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -45,7 +46,7 @@ class BackgroundServer:
         self.host, self.port = self.sock.getsockname()[:2]
         self.app = app
         self.server = uvicorn.Server(uvicorn_config(app, host=host, port=self.port, log_level=log_level,
-                                                    drain_timeout=5.0))
+                                                    drain_timeout=drain_timeout))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="glm5-uvicorn")
 
@@ -63,6 +64,7 @@ class BackgroundServer:
         return self
 
     def stop(self, timeout: float = 30.0):
+        """What SIGTERM does to `glm5 serve`: stop accepting, drain for up to drain_timeout, shut down."""
         self.server.should_exit = True
         self.thread.join(timeout)
 

@@ -7,7 +7,9 @@ the garbage collector would free them at some unknown later time.
 
 Once a stream has started, its status (200) is sent: an error after that can only be told in the stream. The body
 is wrapped so that any exception the generator raises ends the stream as OpenAI's does, with an error event and
-`data: [DONE]`, rather than a torn connection (which clients report as a network error and retry).
+`data: [DONE]`, rather than a torn connection (which clients report as a network error and retry). The same when
+the server cancels the stream: on SIGTERM uvicorn drains, and when `--drain-timeout` expires it cancels the requests
+still running; a stream then ends with a 503 `server_shutting_down` error event and `[DONE]`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ async def _guarded(body: AsyncIterator[str]) -> AsyncIterator[str]:
         await body.aclose()
 
 
+def shutdown_error() -> APIError:
+    """What a request still running when the drain timeout expires is told (stream event or JSON body)."""
+    return APIError(503, "The server is shutting down and its drain timeout (--drain-timeout) expired before this "
+                         "response finished; retry the request.", code="server_shutting_down")
+
+
+# How long the final events of a cancelled stream may take to write: a client that stopped reading must not hold
+# up the shutdown.
+FINAL_WRITE_S = 2.0
+
+
 class SSEResponse(StreamingResponse):
     def __init__(self, body: AsyncIterator[str], on_close: Callable[[], None]):
         super().__init__(_guarded(body), media_type="text/event-stream",
@@ -50,11 +63,20 @@ class SSEResponse(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
+        sent = {"start": False, "end": False}
+
+        async def send_tracked(msg):
+            await send(msg)
+            if msg["type"] == "http.response.start":
+                sent["start"] = True
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                sent["end"] = True
+
         try:
             async with anyio.create_task_group() as tg:
                 async def stream():
                     try:
-                        await self.stream_response(send)
+                        await self.stream_response(send_tracked)
                     except OSError:  # the client went away while we wrote
                         pass
                     tg.cancel_scope.cancel()
@@ -65,10 +87,29 @@ class SSEResponse(StreamingResponse):
 
                 tg.start_soon(stream)
                 tg.start_soon(listen)
+        except anyio.get_cancelled_exc_class():
+            # Our own scope's cancel (finished, client gone) never escapes the task group: a cancellation here
+            # comes from outside, i.e. uvicorn ending the requests still running when the drain timeout expired.
+            # The stream ends as any failed stream does. The cancellation is not re-raised: this task's only work
+            # is this response, which is now complete (re-raising would only make uvicorn log a traceback and close
+            # a connection that is closing anyway).
+            if not sent["end"]:
+                with anyio.move_on_after(FINAL_WRITE_S, shield=True):
+                    await self._send_final(send_tracked, sent["start"])
         finally:
             self.on_close()
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
+
+    async def _send_final(self, send, started: bool):
+        if not started:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        events = sse(json.dumps(shutdown_error().body())) + sse("[DONE]")
+        try:
+            await send({"type": "http.response.body", "body": events.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client is gone too
+            pass
 
 
 async def until_disconnected(request: Request, work: Awaitable) -> object | None:
