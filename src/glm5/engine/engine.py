@@ -20,6 +20,11 @@ Design notes:
     what goes wrong in a step for one request (non-finite logits, a sampler or detokenizer error) ends only that
     request, with finish_reason "abort" and the reason in `error`; the batch-wide model call is the only part whose
     failure still fails the step.
+  - Constrained decoding (SamplingParams.grammar, grammar.py): each sample holds its own matcher, started at add
+    time past the prompt's tail (a tail the grammar rejects is a RequestError). Every step the constrained rows'
+    allowed-token masks are computed together and the sampler drops what they forbid; the sampled token advances
+    the matcher. A step without constrained rows computes no mask. A grammar that fails mid-generation (a parser
+    limit) fails only its request, as any other per-request failure does.
   - vocab_limit: a checkpoint may carry more lm_head rows than its tokenizer has tokens (GLM-5 pads to 154880);
     the rows past the limit are cut off the logits, so they are never sampled nor reported in top_logprobs (vLLM's
     LogitsProcessor likewise drops padded vocabulary columns before sampling).
@@ -38,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from .grammar import GrammarError, MaskFiller, Matcher
 from .kv_cache import BlockManager, PagedKVCache, bytes_per_block, default_num_blocks
 from .runner import ModelRunner
 from .sampler import SamplingParams, SeqSampling, make_generator, sample
@@ -94,12 +100,14 @@ class _RequestState:
     seqs: dict[int, Sequence] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
     forked: bool = False
+    matcher: Matcher | None = None  # constrained: past the prompt's tail, before any output; each sample forks it
 
 
 @dataclass
 class _SeqState(SeqSampling):
     max_tokens: int = 0
     text_len: int = 0  # characters of detokenized output already searched for stop strings
+    matcher: Matcher | None = None  # this sample's position in its grammar
 
 
 class Engine:
@@ -142,6 +150,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self.requests: dict[str, _RequestState] = {}
         self._pending: list[StepOutput] = []  # outputs made outside step() (aborts), returned by the next step()
+        self._masks = MaskFiller(self.device)
         self.counters = {"prompt_tokens": 0, "computed_tokens": 0, "generation_tokens": 0, "steps": 0,
                          "finished_requests": 0, "aborted_requests": 0, "failed_requests": 0}
 
@@ -176,8 +185,17 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        matcher = None
+        if params.grammar is not None:
+            if params.grammar.vocab_size != self.vocab_limit:
+                raise RequestError(f"the grammar was built for a vocabulary of {params.grammar.vocab_size} tokens; "
+                                   f"this engine samples from {self.vocab_limit}")
+            try:
+                matcher = params.grammar.start(prompt)
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
-        req = _RequestState(request_id, prompt, params, seed)
+        req = _RequestState(request_id, prompt, params, seed, matcher=matcher)
         self.requests[request_id] = req
         req.seqs[0] = self._new_seq(req, 0, max_tokens)
         if return_hidden:
@@ -195,7 +213,7 @@ class Engine:
     def _new_seq(self, req: _RequestState, index: int, max_tokens: int) -> Sequence:
         p = req.params
         state = _SeqState(p, make_generator(req.seed + index, self.device), [] if p.ignore_eos else self.eos_token_ids,
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, matcher=req.matcher.fork() if req.matcher is not None else None)
         return Sequence(next(self._seq_ids), req.request_id, index, list(req.prompt), len(req.prompt), state)
 
     def abort(self, request_id: str) -> bool:
@@ -265,7 +283,8 @@ class Engine:
                     req.seqs[j] = self._new_seq(req, j, seq.state.max_tokens)
                     rows.append(i)
                     row_seqs.append(req.seqs[j])
-        got = self._sample(logits_BV, rows, row_seqs, failed)
+        allowed_BW = self._allowed(row_seqs, failed, logits_BV.shape[-1])
+        got = self._sample(logits_BV, rows, row_seqs, failed, allowed_BW)
         forked = []
         for r, seq in enumerate(row_seqs):
             if seq.request_id in failed:
@@ -273,6 +292,10 @@ class Engine:
             tok = got[r][0]
             seq.tokens.append(tok)
             self.counters["generation_tokens"] += 1
+            m = seq.state.matcher
+            if m is not None and not m.advance(tok):
+                failed[seq.request_id] = f"the grammar rejected sampled token {tok}: {m.error}"
+                continue
             try:
                 reason, stop_reason = self._check_stop(seq, tok)
             except Exception as e:  # e.g. a detokenizer that cannot decode: this request's problem only
@@ -296,8 +319,19 @@ class Engine:
             outputs += self._fail(rid, why)
         return outputs
 
+    def _allowed(self, row_seqs: list[Sequence], failed: dict[str, str], V: int) -> torch.Tensor | None:
+        """[rows, W] allowed-token bitmasks, or None when no live row is constrained (nothing is computed)."""
+        matchers = [s.state.matcher if s.request_id not in failed else None for s in row_seqs]
+        if not any(m is not None for m in matchers):
+            return None
+        allowed_BW = self._masks(matchers, V)
+        for seq, m in zip(row_seqs, matchers):
+            if m is not None and m.error is not None:  # e.g. a parser limit hit while computing the mask
+                failed[seq.request_id] = f"the grammar failed: {m.error}"
+        return allowed_BW
+
     def _sample(self, logits_BV: torch.Tensor, rows: list[int], row_seqs: list[Sequence],
-                failed: dict[str, str]) -> list[tuple | None]:
+                failed: dict[str, str], allowed_BW: torch.Tensor | None = None) -> list[tuple | None]:
         """(token, logprob, sampling logprob, top logprobs) per row, None for rows of failed requests. The batch is
         sampled at once; if that raises, row by row, so only the requests whose rows raise are failed."""
         live = [r for r, s in enumerate(row_seqs) if s.request_id not in failed]
@@ -305,7 +339,10 @@ class Engine:
 
         def draw(rs: list[int]):
             idx = torch.tensor([rows[r] for r in rs], device=logits_BV.device)
-            g = sample(logits_BV[idx], [row_seqs[r].state for r in rs], [row_seqs[r].output_ids for r in rs])
+            mask = allowed_BW
+            if mask is not None and len(rs) < mask.shape[0]:
+                mask = mask[torch.tensor(rs, device=mask.device)]
+            g = sample(logits_BV[idx], [row_seqs[r].state for r in rs], [row_seqs[r].output_ids for r in rs], mask)
             for j, r in enumerate(rs):
                 res[r] = (g.tokens[j], g.logprobs[j], g.sampling_logprobs[j], g.top_logprobs[j])
 
@@ -331,6 +368,8 @@ class Engine:
                 return "stop", tok
             if tok in st.eos_ids:
                 return "stop", None
+            if st.matcher is not None and st.matcher.done and tok in st.matcher.eos_ids:
+                return "stop", tok  # an end token the engine does not stop on (ignore_eos): the grammar ends here
             if p.stop:
                 text = self.detokenize(out)
                 start = max(0, st.text_len - max(len(s) for s in p.stop) + 1)

@@ -1,9 +1,10 @@
 """Per-request sampling parameters and the batched sampler.
 
-Order of processing (each step, per row): raw logits -> min_tokens mask (eos / stop ids get -inf until min_tokens
-outputs exist) -> presence / frequency penalties (OpenAI's definition, over generated tokens only) -> greedy argmax
-if temperature < 1e-5 (vLLM's _SAMPLING_EPS; dividing by a tinier one can overflow fp32 logits to inf and sample
-NaN), else divide by temperature -> min_p -> top_k -> top_p -> draw.
+Order of processing (each step, per row): raw logits -> the grammar's allowed-token mask (constrained rows only,
+grammar.py) -> min_tokens mask (eos / stop ids get -inf until min_tokens outputs exist) -> presence / frequency
+penalties (OpenAI's definition, over generated tokens only) -> greedy argmax if temperature < 1e-5 (vLLM's
+_SAMPLING_EPS; dividing by a tinier one can overflow fp32 logits to inf and sample NaN), else divide by temperature
+-> min_p -> top_k -> top_p -> draw.
 
 Log-probs reported per sampled token (RL needs the first, debugging sampling the second):
   - `logprob`: log_softmax of the raw model logits (fp32), before any processing: the policy's own probability,
@@ -16,14 +17,18 @@ Reproducibility: every sequence owns a torch.Generator (seeded from `seed`, or f
 None) and only its own row consumes it, so a seeded request samples the same tokens whatever else shares its batch
 (up to rounding of the batched logits). With n > 1, sample i uses seed + i.
 
-Letters: B rows, V vocab, K top logprobs.
+Letters: B rows, V vocab, K top logprobs, W = ceil(V / 32) mask words.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy, as vLLM's sampling_params.py (_SAMPLING_EPS)
 
@@ -44,6 +49,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int = 0  # also return the k most likely tokens (raw distribution) at each step
+    grammar: Grammar | None = None  # constrained decoding (grammar.py): only tokens the grammar allows are drawn
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -68,6 +74,9 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
             (all(isinstance(t, int) for t in self.stop_token_ids), f"stop_token_ids must be integers, got {self.stop_token_ids!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer or None, got {self.seed!r}"),
+            # min_tokens masks the end tokens, which a finished grammar allows alone: the two would leave no token.
+            (self.grammar is None or self.min_tokens == 0,
+             "min_tokens cannot be combined with a grammar: the grammar decides where the output ends"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -104,13 +113,18 @@ def make_generator(seed: int, device) -> torch.Generator:
 
 
 @torch.no_grad()
-def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[list[int]]) -> Sampled:
-    """Draw one token per row. outputs[b] = the row's generated tokens so far (penalties and min_tokens)."""
+def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[list[int]],
+           allowed_BW: torch.Tensor | None = None) -> Sampled:
+    """Draw one token per row. outputs[b] = the row's generated tokens so far (penalties and min_tokens).
+    allowed_BW: packed allowed-token bitmasks (grammar.py; all bits set for an unconstrained row), or None when no
+    row is constrained, which leaves this function exactly as without constraints."""
     B, V = logits_BV.shape
     dev = logits_BV.device
     logits_BV = logits_BV.float()  # fp32: these log-probs feed RL importance ratios
     lse_B1 = logits_BV.logsumexp(-1, keepdim=True)  # raw log-probs = logits - lse, never materialised [B, V]
     x_BV = logits_BV
+    if allowed_BW is not None:  # a copy: the raw logits stay raw for the reported log-probs
+        x_BV = logits_BV.masked_fill(~unpack_bitmask(allowed_BW, V), float("-inf"))
     for b, (st, out) in enumerate(zip(states, outputs)):
         p = st.params
         masked = len(out) < p.min_tokens and st.min_tokens_mask
@@ -151,6 +165,13 @@ def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[lis
             if kb:
                 tops[b] = list(zip(idx[b][:kb], val[b][:kb]))
     return Sampled(tok_B.tolist(), raw_B.tolist(), samp_B.tolist(), tops)
+
+
+def unpack_bitmask(mask_BW: torch.Tensor, V: int) -> torch.Tensor:
+    """[B, W] int32 bitmask (bit t % 32 of word t // 32 = token t) -> [B, V] bool."""
+    bits_32 = torch.arange(32, device=mask_BW.device, dtype=torch.int32)
+    B, W = mask_BW.shape
+    return ((mask_BW[:, :, None] >> bits_32) & 1).bool().view(B, W * 32)[:, :V]
 
 
 def _filter(x_BV: torch.Tensor, states: list[SeqSampling]) -> torch.Tensor:
