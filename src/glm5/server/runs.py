@@ -1,23 +1,48 @@
 """One HTTP request's life in the engine: admission by cost (per-request size → 400, queue bound → 429), sampling
-parameters and limits (→ 400),
+parameters and limits (→ 400), the grammar of a structured chat answer (→ 400 when it does not compile),
 submission through the worker, the stream of outputs, abort on every early exit, and its latency metrics.
 
 `Run` is an async context manager: leaving it for any reason (finished, client gone, error, cancellation) aborts
 whatever of it the engine still runs, so a vanished client never holds cache blocks.
+
+Structured output (`chat_grammar`): `response_format` json_object / json_schema and declared tools become one Lark
+grammar (llguidance's dialect) over GLM-5's assistant turn, enforced while decoding (glm5/engine/grammar.py):
+
+    start: think body                       the turn after <|assistant|>; the prompt's own tail is fed first
+    think: <think> REASONING? </think> | </think>
+    body:  TEXT? (call TEXT?)*              tools, tool_choice auto (content, calls, or both)
+           WS? call (WS? call)*             tool_choice required (calls only; named: calls of that function)
+           WS? json                         response_format (json | WS? calls when tools are declared too)
+    call:  <tool_call> "get_weather" (<arg_key> "city" </arg_key> <arg_value> value </arg_value>)... </tool_call>
+
+A call names a declared function and only its declared parameters, in declared order, required ones present (an
+object without `properties` takes any keys; a function without `parameters` none). A value whose schema admits a
+string is free text (a string enum: one of its strings), as chat_parse keeps such values verbatim; any other value
+is JSON under its schema (`%json`, lenient: keywords llguidance lacks are ignored, since tool schemas come from
+every framework). `response_format` schemas are compiled strictly: what llguidance cannot enforce is a 400. Special
+tokens come only where the grammar names them, and free text (reasoning, content, string values) cannot spell a
+chat tag in plain characters either, so a client that reads tags from the text sees the structure the tokens have.
+`parallel_tool_calls: false` allows one call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import Any, Mapping
 
+from ..chat import normalize_tools
+from ..chat_parse import _is_string
 from ..engine import RequestError, SamplingParams, StepOutput
+from ..engine.grammar import Grammar, GrammarError, grammar_tokenizer
 from ..loader import with_openai_defaults
 from .metrics import Metrics
-from .protocol import APIError
+from .protocol import APIError, ChatCompletionRequest
 from .worker import EngineFailure, EngineWorker
 
 
@@ -51,10 +76,22 @@ class ServerState:
         self.max_in_flight = self.max_running + limits.max_queue  # in sequences (prompts x n), not HTTP requests
         self.seqs_in_flight = 0
         self.max_token_bytes = _max_token_bytes(tokenizer)  # for refusing over-long text before tokenising it
+        # Agents send the same tools every turn: compiled grammars are reused (a Grammar is never mutated).
+        self.compile_grammar = lru_cache(maxsize=64)(self._compile_grammar)
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @cached_property
+    def grammar_tokenizer(self):
+        """llguidance's tokenizer, built on the first structured request (about a second for GLM-5's vocabulary)."""
+        tok = self.tok
+        return grammar_tokenizer(tok._json, vocab_size=len(tok), eos_ids=tok.eos_ids,
+                                 special_ids=list(tok.special_ids.values()))
+
+    def _compile_grammar(self, lark: str) -> Grammar:
+        return Grammar(self.grammar_tokenizer, lark, after=self.tok.token_id("<|assistant|>"))
 
     def check_model(self, name: str | None):
         if name is not None and name != self.model_name:
@@ -96,6 +133,7 @@ def sampling_params(state: ServerState, req, *, prompt_len: int, max_tokens: int
         max_tokens = min(cap, ctx - prompt_len)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    grammar = chat_grammar(state, req) if isinstance(req, ChatCompletionRequest) else None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
@@ -105,7 +143,7 @@ def sampling_params(state: ServerState, req, *, prompt_len: int, max_tokens: int
             seed=None if req.seed is None else req.seed % (1 << 62),  # the engine adds the sample index to it
             max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0, top_logprobs=top_logprobs)
+            frequency_penalty=req.frequency_penalty or 0.0, top_logprobs=top_logprobs, grammar=grammar)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -226,3 +264,139 @@ class Run:
             yield item
         self.completed = True
         m.count_finish(self.finish_reason)
+
+
+# ------------------------------------------------------------------------------------------- structured output
+# JSON as json.dumps writes it (the chat template writes tool argument values so), with no free whitespace: a
+# sampler allowed whitespace anywhere can emit it until max_tokens, a known failure of JSON-constrained decoding.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Free text: anything but a chat tag spelled out in plain characters (special tokens are never text to llguidance).
+_FREE = r"/(?s:.+)/ & ~/(?s:.*)<\/?(think|tool_call|arg_key|arg_value)>(?s:.*)/"
+
+
+def chat_grammar(state: ServerState, req: ChatCompletionRequest) -> Grammar | None:
+    """The grammar a chat request's answer must follow, or None when nothing constrains it (no tools, no
+    response_format): such a request costs the engine nothing extra. 400 when a schema cannot be compiled."""
+    choice = req.tool_choice
+    tools = normalize_tools(req.tools or None) if choice != "none" else None  # shapes checked by _tool_setup
+    rf = req.response_format
+    schema = None
+    if rf is not None and rf.type == "json_object":
+        schema = {"type": "object"}
+    elif rf is not None and rf.type == "json_schema":
+        schema = (rf.json_schema or {}).get("schema")  # its shape is checked by _json_mode
+    if not tools and schema is None:
+        return None
+    g = _GrammarLines()
+    forced = None if choice is None or isinstance(choice, str) else choice.function.name
+    _turn(g, tools, schema, forced=forced, required=choice == "required",
+          parallel=req.parallel_tool_calls is not False)
+    try:
+        return state.compile_grammar(g.text())
+    except GrammarError as e:
+        line, msg = _where(str(e))
+        field = g.origin.get(line, "response_format" if schema is not None else "tools")
+        raise APIError(400, f"{field}: {msg}", param=field.split(".")[0].split("[")[0],
+                       code="invalid_schema") from None
+
+
+class _GrammarLines:
+    """Lark text built line by line, remembering which request field a line came from (for error messages)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.origin: dict[int, str] = {}  # 1-based line number -> request field
+
+    def add(self, line: str, origin: str | None = None):
+        if line not in self.lines:  # shared rules (KEY, any_arg) are added by each tool that needs them
+            self.lines.append(line)
+            if origin is not None:
+                self.origin[len(self.lines)] = origin
+
+    def json(self, rule: str, schema: Mapping, origin: str, **options):
+        schema = {**schema, "x-guidance": {**JSON_STYLE, **options, **(schema.get("x-guidance") or {})}}
+        self.add(f"{rule}: %json {json.dumps(schema, ensure_ascii=False)}", origin)
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _where(error: str) -> tuple[int | None, str]:
+    """llguidance's "at LINE(COL): message" -> (LINE, message)."""
+    head, sep, rest = error.partition(": ")
+    if sep and head.startswith("at ") and "(" in head:
+        try:
+            return int(head[3:head.index("(")]), rest
+        except ValueError:
+            pass
+    return None, error
+
+
+def _lit(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a Lark string literal
+
+
+def _turn(g: _GrammarLines, tools: list[dict] | None, schema: Mapping | None, *, forced: str | None,
+          required: bool, parallel: bool):
+    g.add("start: think body")
+    g.add("think: <think> REASONING? </think> | </think>")
+    g.add(f"REASONING: {_FREE}")
+    g.add(f"TEXT: {_FREE}")
+    g.add(r"WS: /[ \t\r\n]{1,8}/")  # bounded, as JSON_STYLE's whitespace
+    if schema is not None:
+        g.json("json", schema, "response_format.json_schema.schema")
+    if not tools:
+        g.add("body: WS? json")
+        return
+    names = [t.get("function", t)["name"] for t in tools]
+    for i, t in enumerate(tools):
+        _call(g, i, t.get("function", t))
+    call = f"call_{names.index(forced)}" if forced is not None else "call"
+    g.add("call: " + " | ".join(f"call_{i}" for i in range(len(tools))))
+    g.add(f"calls: {call}" + (f" (WS? {call})*" if parallel else ""))
+    if forced is not None or required:
+        g.add("body: WS? calls WS?")
+    elif schema is not None:
+        g.add("body: WS? json | WS? calls WS?")
+    else:
+        g.add("body: TEXT? (call TEXT?)*" if parallel else "body: TEXT? (call TEXT?)?")
+
+
+def _call(g: _GrammarLines, i: int, fn: Mapping):
+    name = _lit(fn["name"])
+    params = fn.get("parameters")
+    if params is None:  # OpenAI: no parameters is an empty parameter list
+        g.add(f"call_{i}: <tool_call> {name} </tool_call>")
+        return
+    props = params.get("properties")
+    if props is None:  # an object of keys nobody declared
+        g.add(f"call_{i}: <tool_call> {name} any_arg* </tool_call>")
+        g.add("any_arg: <arg_key> KEY </arg_key> <arg_value> TEXT? </arg_value>")
+        g.add("KEY: /[^<>]{1,256}/")
+        return
+    required = params.get("required")
+    required = set(required) if isinstance(required, list) else set()
+    defs = {k: params[k] for k in ("$defs", "definitions") if isinstance(params.get(k), Mapping)}
+    args = []
+    for k, (key, sub) in enumerate(props.items()):
+        rule = f"arg_{i}_{k}"
+        value = _value(g, f"{rule}_value", sub, defs, f"tools[{i}].function.parameters.properties.{key}")
+        g.add(f"{rule}: <arg_key> {_lit(key)} </arg_key> <arg_value> {value} </arg_value>")
+        args.append(rule if key in required else f"{rule}?")
+    g.add(f"call_{i}: <tool_call> {name} {' '.join(args)} </tool_call>")
+
+
+def _value(g: _GrammarLines, rule: str, schema: Any, defs: dict, origin: str) -> str:
+    """One argument value's grammar: an expression for its arg rule (adding a rule for a JSON value)."""
+    if not isinstance(schema, Mapping):
+        return "TEXT?"
+    enum = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+        return "(" + " | ".join(_lit(e) for e in enum) + ")"
+    typed = any(k in schema for k in ("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties",
+                                      "items"))
+    if _is_string(schema) or not typed:  # kept verbatim by the parser: free text
+        return "TEXT?"
+    # Sibling $defs make the parameters' "#/$defs/..." references resolve inside the value's own schema.
+    g.json(rule, {**defs, **schema}, origin, lenient=True)
+    return rule
