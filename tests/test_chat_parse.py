@@ -1,4 +1,5 @@
-"""Output parsing: reasoning / content / tool calls, whole text vs streamed deltas (any chunking) give one result."""
+"""Output parsing: reasoning / content / tool calls, whole text vs streamed deltas (any chunking) give one result.
+Text input takes every tag spelling as the tag (tests/test_parse_streaming.py: tags from special token ids)."""
 
 import json
 import random
@@ -18,7 +19,8 @@ def ids(i):
 
 
 def call(i, name, args):
-    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 W = "<tool_call>get_weather<arg_key>city</arg_key><arg_value>{c}</arg_value><arg_key>days</arg_key><arg_value>{d}</arg_value></tool_call>"
@@ -43,16 +45,29 @@ CASES = {
                                 (None, None, [call(0, "f", {"x": {"a": True}, "y": "hello world"})])),
     "unicode_value": ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>東京 \"x\"</arg_value></tool_call>",
                       False, TOOLS, (None, None, [call(0, "get_weather", {"city": "東京 \"x\""})])),
+    # A call is announced once its name is complete; a block that breaks off later keeps the call, its arguments as
+    # far as they got (incomplete JSON), and the block's text not represented in them is content.
     "unterminated_call": ("ok<tool_call>f<arg_key>a</arg_key><arg_val", False, None,
-                          (None, "ok<tool_call>f<arg_key>a</arg_key><arg_val", [])),
+                          (None, "ok<arg_key>a</arg_key><arg_val", [call(0, "f", "")])),
     "complete_then_unterminated": ("<tool_call>f</tool_call><tool_call>g<arg_key>", False, None,
-                                   (None, "<tool_call>g<arg_key>", [call(0, "f", {})])),
+                                   (None, "<arg_key>", [call(0, "f", {}), call(1, "g", "")])),
+    "cut_in_string_value": ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Osl", False, TOOLS,
+                            (None, None, [call(0, "get_weather", '{"city": "Osl')])),
+    "cut_in_other_value": ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</arg_value><arg_key>days"
+                           "</arg_key><arg_value>1", False, TOOLS,
+                           (None, "<arg_key>days</arg_key><arg_value>1", [call(0, "get_weather", '{"city": "Oslo"')])),
+    "end_call_closes_open_value": ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Oslo</tool_call>", False,
+                                   TOOLS, (None, None, [call(0, "get_weather", {"city": "Oslo"})])),
     "malformed_no_name": ("a<tool_call><arg_key>k</arg_key><arg_value>1</arg_value></tool_call>b", False, None,
                           (None, "a<tool_call><arg_key>k</arg_key><arg_value>1</arg_value></tool_call>b", [])),
     "malformed_stray_text": ("<tool_call>f<arg_key>k</arg_key>junk<arg_value>1</arg_value></tool_call>", False, None,
-                             (None, "<tool_call>f<arg_key>k</arg_key>junk<arg_value>1</arg_value></tool_call>", [])),
-    "nested_call": ("<tool_call>f<tool_call>g</tool_call>", False, None,
-                    (None, "<tool_call>f<tool_call>g</tool_call>", [])),
+                             (None, "<arg_key>k</arg_key>junk<arg_value>1</arg_value></tool_call>",
+                              [call(0, "f", "")])),
+    "nested_call": ("<tool_call>f<tool_call>g</tool_call>", False, None,  # the name never completed: no call
+                    (None, "<tool_call>f", [call(0, "g", {})])),
+    "duplicate_key_as_written": ("<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value><arg_key>a</arg_key>"
+                                 "<arg_value>2</arg_value></tool_call>", False, None,
+                                 (None, None, [call(0, "f", '{"a": 1, "a": 2}')])),
     "text_after_call": ("<tool_call>f</tool_call> and more", False, None, (None, " and more", [call(0, "f", {})])),
     "partial_tags_at_end": ("answer <tool_c", False, None, (None, "answer <tool_c", [])),
     "partial_end_think": ("reason </thi", True, None, ("reason </thi", None, [])),
@@ -96,9 +111,9 @@ def test_no_partial_tag_is_emitted_early():
     assert p.feed("I think") == [{"reasoning_content": "I think"}]
     assert p.feed(" so</th") == [{"reasoning_content": " so"}]
     assert p.feed("ink>Yes <tool_") == [{"content": "Yes "}]
-    assert p.feed("call>f<arg_key>a</arg_key><arg_value>1") == []
-    assert p.feed("</arg_value></tool_call>") == [
-        {"tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]
+    assert p.feed("call>f<arg_key>a</arg_key><arg_value>1") == [  # the name is complete: the call opens
+        {"tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {"name": "f", "arguments": ""}}]}]
+    assert p.feed("</arg_value></tool_call>") == [{"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}]
     assert p.finish() == []
     with pytest.raises(RuntimeError):
         p.feed("x")

@@ -95,6 +95,17 @@ def test_content_with_text_or_without_calls_is_kept(text):
     assert whole.content == text.replace(_call(a="1"), "")
 
 
+def test_string_argument_streams_before_its_value_closes():
+    # vLLM's glm4_moe streams a string value as it is generated, not in one piece at </tool_call>
+    p = StreamingParser(thinking=False, tools=_tool({"code": {"type": "string"}}), make_id=lambda i: f"call_{i}")
+    assert p.feed("<tool_call>f<arg_key>code</arg_key><arg_value>print(") == [
+        {"tool_calls": [{"index": 0, "id": "call_0", "type": "function", "function": {"name": "f", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"code": "print('}}]}]
+    assert p.feed('"hi")\n') == [{"tool_calls": [{"index": 0, "function": {"arguments": '\\"hi\\")\\n'}}]}]
+    assert p.feed("</arg_value></tool_call>") == [{"tool_calls": [{"index": 0, "function": {"arguments": '"}'}}]}]
+    assert p.result().tool_calls[0]["function"]["arguments"] == json.dumps({"code": 'print("hi")\n'})
+
+
 # ------------------------------------------------------------------------------------- the server: both names
 USER = [{"role": "user", "content": "hi"}]
 

@@ -38,7 +38,11 @@ def _stream_text(stream):
             d = c.delta
             g["reasoning"] += (d.model_extra or {}).get("reasoning_content") or ""
             g["content"] += d.content or ""
-            g["calls"] += d.tool_calls or []
+            for t in d.tool_calls or []:  # a call's first delta has its id and name; later ones more arguments
+                if t.index == len(g["calls"]):
+                    g["calls"].append(t)
+                else:
+                    g["calls"][t.index].function.arguments += t.function.arguments or ""
             if c.finish_reason:
                 g["finish"] = c.finish_reason
     return got, usage

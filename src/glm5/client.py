@@ -21,7 +21,7 @@ from .chat import render_chat
 from .chat_parse import StreamingParser
 from .engine import SamplingParams, run_to_completion
 from .loader import with_openai_defaults
-from .server.outputs import SampleText
+from .server.outputs import SampleText, text_of
 
 DEFAULT_URL = "http://127.0.0.1:8000"  # where `glm5 serve` listens by default
 
@@ -58,8 +58,8 @@ class LocalBackend:
         run = run_to_completion(self.engine, [prompt], params)
         try:  # closing this generator (Ctrl-C) closes `run`, which aborts the request and frees its cache at once
             for _, o in run:
-                text, _ = sample.push(o)
-                yield from on_text(text, o.finished)
+                pieces, _ = sample.push(o)  # (text, is_special): the chat parser reads tags only from special tokens
+                yield from on_text(pieces, o.finished)
         finally:
             run.close()
         self.last_finish_reason = sample.finish_reason
@@ -71,8 +71,8 @@ class LocalBackend:
         r = render_chat(self.tok, messages, tools, enable_thinking=thinking)
         parser = StreamingParser(thinking=r.thinking, tools=tools, parse_tools=bool(tools))
 
-        def on_text(text, finished):
-            out = parser.feed(text) if text else []
+        def on_text(pieces, finished):
+            out = parser.feed(pieces) if pieces else []
             return out + (parser.finish() if finished else [])
 
         yield from self._run(r.ids, self._params(max_tokens, temperature, top_p, seed, None), on_text)
@@ -81,7 +81,7 @@ class LocalBackend:
                  top_p: float | None = None, seed: int | None = None, stop=None) -> Iterator[str]:
         ids = self.tok.encode(prompt, allow_special=True)
         yield from self._run(ids, self._params(max_tokens, temperature, top_p, seed, stop),
-                             lambda text, finished: [text] if text else [])
+                             lambda pieces, finished: [text_of(pieces)] if pieces else [])
 
 
 class RemoteError(RuntimeError):

@@ -102,10 +102,13 @@ def _print_loop(deltas, out, err, opts, reasoning, content, calls):
                 err.print("\n", **opts)
             content.append(d["content"])
             out.print(d["content"], **opts)
-        for c in d.get("tool_calls") or ():
-            calls.append({k: v for k, v in c.items() if k != "index"})
-            f = c.get("function", {})
-            out.print(f"\n[tool call] {f.get('name')}({f.get('arguments')})", style="cyan", **opts)
+        for c in d.get("tool_calls") or ():  # a call's first delta has its id and name, later ones more arguments
+            f = c.get("function") or {}
+            if "id" in c:
+                calls.append({"id": c["id"], "type": "function", "function": {"name": f.get("name"), "arguments": ""}})
+                out.print(f"\n[tool call] {f.get('name')} ", style="cyan", **opts)
+            calls[c["index"]]["function"]["arguments"] += f.get("arguments") or ""
+            out.print(f.get("arguments") or "", style="cyan", **opts)
 
 
 def cmd_generate(args) -> int:

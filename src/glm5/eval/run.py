@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from ..chat import render_chat
-from ..chat_parse import parse_output
+from ..chat_parse import parse_output, token_pieces
 from ..data.example import FAMILIES, Example
 from ..model.mla import MLAttention
 from .score import run_tool_call, score, summarize, valid_first_call
@@ -168,7 +168,7 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                 seqs[i].append((r.ids + ids, len(r.ids)))
                 hiddens[i].append(h)
                 text_ids = ids[:-1] if finish == "stop" and ids and ids[-1] in eos else ids
-                parsed = parse_output(tok.decode(text_ids), thinking=r.thinking, tools=ex.tools,
+                parsed = parse_output(token_pieces(tok, text_ids), thinking=r.thinking, tools=ex.tools,
                                       parse_tools=bool(ex.tools), make_id=lambda k: f"call_{k}")
                 rec["output_tokens"] = rec.get("output_tokens", 0) + len(ids)
                 if ex.tools and rnd == 0:

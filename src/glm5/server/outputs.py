@@ -7,6 +7,8 @@ in-process terminal client (glm5.client.LocalBackend).
   is cut where the string starts, the string itself excluded (OpenAI's behaviour). While a sample runs, the last
   len(longest stop) - 1 characters are held back: they may be the start of a stop string, and text once streamed
   cannot be taken back.
+- Text comes out as pieces, `(text, is_special)` (`glm5.chat_parse.PieceDecoder`), so the chat parser sees tags
+  only where the model produced their special tokens; holding back for stop strings never splits a special token.
 - Log-probs are kept per token with the token's own string (its bytes decoded with replacement: a token holding
   half of a UTF-8 character shows U+FFFD, its `bytes` field has the exact bytes).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..chat_parse import Piece, PieceDecoder
 from ..engine import StepOutput
 from ..tokenizer import Tokenizer
 
@@ -32,8 +35,10 @@ class SampleText:
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.detok = self.tok.detokenizer()
+        self.decoder = PieceDecoder(self.tok)
         self.text = ""  # decoded so far (final: trimmed at the stop string)
+        self.specials: list[tuple[int, int]] = []  # [start, end) of each special token in self.text
+        self._next_special = 0  # first entry of self.specials not yet released
         self.sent = 0  # characters of self.text already released
         self.hold = max(map(len, self.stop)) - 1 if self.stop else 0
         self.tokens: list[TokenInfo] = []  # the shown tokens
@@ -42,8 +47,8 @@ class SampleText:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
-    def push(self, out: StepOutput) -> tuple[str, list[TokenInfo]]:
-        """One step's output → (newly released text, newly shown tokens)."""
+    def push(self, out: StepOutput) -> tuple[list[Piece], list[TokenInfo]]:
+        """One step's output → (newly released text as pieces, newly shown tokens)."""
         ids = list(out.new_token_ids)
         self.num_generated += len(ids)
         shown = len(ids)
@@ -52,20 +57,54 @@ class SampleText:
         tops = out.top_logprobs or [None] * len(ids)
         new_tokens = [TokenInfo(ids[i], out.logprobs[i], tops[i]) for i in range(shown)]
         self.tokens += new_tokens
-        self.text += self.detok.push(ids[:shown])
+        self._add(self.decoder.push(ids[:shown]))
         if out.finished:
             self.finished = True
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
-            self.text += self.detok.flush()
+            self._add(self.decoder.flush())
             if isinstance(out.stop_reason, str):
                 cut = self.text.find(out.stop_reason, max(0, self.sent - self.hold))
                 if cut >= 0:
                     self.text = self.text[:max(cut, self.sent)]
+                    # a special token the cut goes through is no longer one: what is left of it is plain text
+                    self.specials = [(a, b) for a, b in self.specials if b <= len(self.text)]
             end = len(self.text)
         else:
             end = max(self.sent, len(self.text) - self.hold)
-        delta, self.sent = self.text[self.sent:end], end
-        return delta, new_tokens
+            for a, b in reversed(self.specials):  # never release part of a special token
+                if b <= end:
+                    break
+                if a < end:
+                    end = max(a, self.sent)
+                    break
+        pieces = self._release(end)
+        return pieces, new_tokens
+
+    def _add(self, pieces: list[Piece]) -> None:
+        for text, special in pieces:
+            if special:
+                self.specials.append((len(self.text), len(self.text) + len(text)))
+            self.text += text
+
+    def _release(self, end: int) -> list[Piece]:
+        """self.text[self.sent:end] as pieces."""
+        out: list[Piece] = []
+        pos = self.sent
+        while self._next_special < len(self.specials) and self.specials[self._next_special][1] <= end:
+            a, b = self.specials[self._next_special]
+            if a > pos:
+                out.append((self.text[pos:a], False))
+            out.append((self.text[a:b], True))
+            pos = b
+            self._next_special += 1
+        if end > pos:
+            out.append((self.text[pos:end], False))
+        self.sent = end
+        return out
+
+
+def text_of(pieces: list[Piece]) -> str:
+    return "".join(t for t, _ in pieces)
 
 
 def token_text(tok: Tokenizer, token_id: int) -> tuple[str, list[int]]:

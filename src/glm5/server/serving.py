@@ -12,6 +12,9 @@ Chat specifics (decisions, each documented for clients in the README's server se
   template. Reasoning comes back as `reasoning` (current vLLM) and as `reasoning_content` (older clients), the
   same text in both (message and deltas).
 - Log-probs cover every shown token (reasoning included), the token that ended the sample excluded.
+- Tool calls stream as OpenAI's do (`glm5.chat_parse`): the first delta of a call carries its index, id, type and
+  name with `arguments: ""`, later ones only its index and the next fragment of `arguments`.
+- Tags count only where the model produced their special tokens: text that merely spells `<tool_call>` is content.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..chat import ChatFormatError, normalize_tools, render_chat
-from ..chat_parse import StreamingParser
-from .outputs import SampleText, TokenInfo, token_text
+from ..chat_parse import Piece, StreamingParser
+from .outputs import SampleText, TokenInfo, text_of, token_text
 from .protocol import (
     APIError,
     ChatChoice,
@@ -52,15 +55,17 @@ from .sse import SSEResponse, sse, until_disconnected
 
 # ------------------------------------------------------------------------------------------------------------ chat
 class _ChatSample:
-    def __init__(self, state: ServerState, stop, thinking: bool, tools, parse_tools: bool, prefix: str):
+    def __init__(self, state: ServerState, stop, thinking: bool, tools, parse_tools: bool, prefix: list[Piece]):
         self.text = SampleText(state.tok, stop)
         self.parser = StreamingParser(thinking=thinking, tools=tools, parse_tools=parse_tools)
-        if prefix:  # the forced "</think><tool_call>NAME": parsed as if generated; it yields no delta itself
+        # The forced "</think><tool_call>NAME" is parsed as if generated. It yields no delta itself: the call's id
+        # and name go out with the generated <arg_key> or </tool_call>.
+        if prefix:
             self.parser.feed(prefix)
 
     def push(self, out) -> tuple[list[dict], list[TokenInfo]]:
-        text, toks = self.text.push(out)
-        deltas = self.parser.feed(text) if text else []
+        pieces, toks = self.text.push(out)
+        deltas = self.parser.feed(pieces) if pieces else []
         if out.finished:
             deltas += self.parser.finish()
         return deltas, toks
@@ -146,11 +151,11 @@ async def chat_completions(state: ServerState, req: ChatCompletionRequest, reque
                                                                  clear_thinking=clear, template_kwargs=kw))
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
-    prompt, prefix = list(r.ids), ""
+    prompt, prefix = list(r.ids), []
     if forced:
         specials = (["</think>"] if r.thinking else []) + ["<tool_call>"]
         prompt += [tok.token_id(s) for s in specials] + tok.encode(forced)
-        prefix = "".join(specials) + forced
+        prefix = [(s, True) for s in specials] + [(forced, False)]
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(state, req, prompt_len=len(prompt), max_tokens=max_tokens,
                              top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0)
@@ -230,10 +235,19 @@ async def _chat_stream(state, req, run: Run, samples, rid, created, include_usag
     yield sse("[DONE]")
 
 
+class _ToolCallDelta(ToolCall):  # in a delta, id and type only where set: a call's first delta (as OpenAI sends)
+    _omit_unset = frozenset({"index", "id", "type"})
+
+
+class _FunctionDelta(FunctionCall):  # likewise the name
+    _omit_unset = frozenset({"name", "arguments"})
+
+
 def _delta(d: dict) -> ChatDelta:
     if "tool_calls" in d:
-        return ChatDelta(tool_calls=[ToolCall(index=c["index"], id=c["id"], type="function",
-                                              function=FunctionCall(**c["function"])) for c in d["tool_calls"]])
+        return ChatDelta(tool_calls=[_ToolCallDelta(**{k: c[k] for k in ("index", "id", "type") if k in c},
+                                                    function=_FunctionDelta(**c["function"]))
+                                     for c in d["tool_calls"]])
     if "reasoning_content" in d:  # both names, as in the message
         return ChatDelta(reasoning=d["reasoning_content"], reasoning_content=d["reasoning_content"])
     return ChatDelta(**d)
@@ -333,7 +347,8 @@ async def _completion_stream(state, req, run: Run, samples, index, echo, offsets
             for o in outs:
                 k = index[o.request_id] * n + o.index
                 s = samples[k]
-                text, toks = s.push(o)
+                pieces, toks = s.push(o)
+                text = text_of(pieces)
                 lp = None
                 if req.logprobs is not None and toks:
                     lp = _completion_logprobs(state, toks, offsets[k])
