@@ -110,12 +110,16 @@ def _tool_setup(req: ChatCompletionRequest):
 
 
 def _json_mode(req: ChatCompletionRequest) -> bool:
+    """response_format asks for JSON (enforced while decoding: runs.chat_grammar); 400 for a malformed one."""
     rf = req.response_format
     if rf is None or rf.type == "text":
         return False
     if rf.type == "json_schema":
-        raise APIError(400, "response_format json_schema is not supported (no constrained decoding here); use "
-                            "{\"type\": \"json_object\"}", param="response_format")
+        if not isinstance((rf.json_schema or {}).get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs a JSON Schema object: "
+                                "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                           param="response_format", code="invalid_schema")
+        return True
     if "json" not in json.dumps(req.messages, ensure_ascii=False).lower():
         raise APIError(400, "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
                             "'json_object'", param="messages")
@@ -123,14 +127,17 @@ def _json_mode(req: ChatCompletionRequest) -> bool:
 
 
 def _check_json(samples: list[_ChatSample]):
+    """The grammar guarantees JSON content to a sample that ended at an end token without calling a tool. A sample
+    cut short (finish_reason "length", or a stop string) keeps the text it has, as OpenAI returns it: its
+    finish_reason says so. Content that breaks the guarantee is the server's fault (500)."""
     for i, s in enumerate(samples):
-        content = s.parser.result().content
+        if s.text.finish_reason != "stop" or isinstance(s.text.stop_reason, str) or s.parser.tool_calls:
+            continue
         try:
-            json.loads(content or "")
+            json.loads(s.parser.result().content or "")
         except ValueError:
-            raise APIError(500, f"choice {i}: the model's answer is not valid JSON (response_format json_object is "
-                                f"validated, not enforced); retry, or lower the temperature",
-                           code="invalid_json_output") from None
+            raise APIError(500, f"choice {i}: the model's answer is not valid JSON although response_format is "
+                                f"enforced while decoding", code="invalid_json_output") from None
 
 
 async def chat_completions(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
