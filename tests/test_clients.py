@@ -171,7 +171,7 @@ def test_run_to_completion_is_what_generate_and_the_eval_use():
     outs = _generate(eng, prompts, 5, hidden=True)
     assert [o[0] for o in outs] == ref and all(o[1] == "length" for o in outs)
     # hidden states of every token fed: the prompt and all outputs but the last, as a full forward computes them
-    for p, (ids, _, h) in zip(prompts, outs):
+    for p, (ids, _, h, _) in zip(prompts, outs):
         assert h.shape == (len(p) + len(ids) - 1, model.config.hidden_size)
         full = model.hidden(torch.tensor([p + ids[:-1]]), torch.arange(len(p) + len(ids) - 1)[None])[0]
         torch.testing.assert_close(h, full.float(), rtol=1e-4, atol=1e-4)

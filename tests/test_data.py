@@ -284,3 +284,18 @@ def test_noise_words_only_in_training_questions():
                 assert g[len(word):] == t[len(t.rstrip("?.")):] and word.isalpha() and word.islower(), question
                 assert word.capitalize() not in w.words and word != t.rstrip("?.").lower()
         assert 0.3 * 400 < noised < 0.5 * 400, (family, noised)
+
+
+def test_arithmetic_long_variant_draws_two_long_operands():
+    from glm5.data import VARIANTS, examples
+    from glm5.eval.cli import _suites
+
+    exs = examples("arithmetic_long", "heldout", 60, seed=1)
+    assert {ex.family for ex in exs} == {"arithmetic"} and "arithmetic_long" in VARIANTS
+    for ex in exs:
+        a, b, op = ex.meta["a"], ex.meta["b"], ex.meta["op"]
+        assert 100 <= a <= 9999 and (0 <= b <= 9 if op == "*" else 100 <= b <= 9999)
+    assert examples("arithmetic_long", "heldout", 10, seed=1) == exs[:10]
+    assert _suites("world,arithmetic_long") == ["world", "arithmetic_long"]
+    with pytest.raises(ValueError, match="min_digits"):
+        examples("arithmetic", "train", 3, min_digits=5, max_digits=4)

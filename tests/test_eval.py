@@ -175,6 +175,7 @@ class ScriptedEngine:
         ids = self.tok.encode(self.script(self.prompts[-1]), allow_special=True)
         rid = f"r{len(self.prompts)}"
         self._queue.append(SimpleNamespace(request_id=rid, new_token_ids=ids[:params.max_tokens], finished=True,
+                                           logprobs=[0.0] * len(ids[:params.max_tokens]),
                                            finish_reason="stop" if len(ids) <= params.max_tokens else "length",
                                            hidden=None))
         return rid
@@ -479,3 +480,46 @@ def test_gold_answers_score_right_through_the_eval_path(tok):
     assert s["tool"] == {"n": 3, "valid_call_rate": 1.0, "final_accuracy": 1.0}
     assert s["hallucination"]["unknown"] == {"wrong": 0, "abstained": 3, "rate": 0.0}
     assert [r["rounds"] for r in recs if r["family"] == "tool"] == [2, 2, 2]
+
+
+def test_auroc_equals_the_pairwise_count_with_ties_half():
+    from glm5.eval.score import auroc
+
+    rng = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 6, (40,), generator=rng).tolist()  # few distinct values: many ties
+    neg = torch.randint(0, 4, (30,), generator=rng).tolist()
+    want = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(pos, neg) == pytest.approx(want)
+    assert auroc([1.0], []) is None
+
+
+def test_calibration_declines_the_least_confident_answers_within_the_budget():
+    from glm5.eval.score import calibration
+
+    def rec(outcome, conf, family="world"):
+        return {"family": family, "outcome": outcome, "confidence": conf}
+
+    # 100 world answers: 90 right (confidence -0.01 .. -0.9), 5 wrong below all right ones, 3 wrong among them,
+    # 2 abstained; budget 2% = 2 right answers may be declined.
+    recs = [rec(CORRECT, -0.01 * (i + 1)) for i in range(90)] + [rec(WRONG, -2.0 - i) for i in range(5)]
+    recs += [rec(WRONG, -0.895), rec(WRONG, -0.5), rec(WRONG, -0.05), rec(ABSTAINED, None), rec(ABSTAINED, None)]
+    recs += [rec(ABSTAINED, -0.1, "unknown")] * 40 + [rec(WRONG, -0.1, "unknown")] * 2
+    c = calibration(recs)
+    # in order: 5 wrong, then right (-0.90, lost 1), wrong (-0.895), right (-0.89, lost 2), right (-0.88: over budget)
+    assert c["wrong_declined"] == 6 and c["wrong"] == 8
+    assert c["known_rate"] == pytest.approx(8 / 10) and c["known_rate_after"] == pytest.approx(2 / 10)
+    assert c["combined_rate"] == pytest.approx(10 / 52) and c["combined_rate_after"] == pytest.approx(4 / 52)
+    assert 0.8 < c["auroc"] < 1
+    assert calibration([rec(ABSTAINED, None, "unknown")]) is None
+
+
+def test_eval_records_carry_the_answer_confidence(tok):
+    model = perturb(glm5.load_model(tiny().replace(vocab_size=tok.vocab_size)), seed=2)
+    exs = [ex("world", "Who founded Tarnik Works?", "Ossa", meta={"entity": "Tarnik Works"})]
+    (rec,) = run_suite(Engine(model, eos_token_ids=tok.eos_ids), model, tok, "world", exs, max_tokens=6, mtp=False,
+                       progress=False)
+    from glm5.chat import render_chat
+
+    prompt = render_chat(tok, exs[0].prompt_messages, enable_thinking=True).ids
+    ((g,),) = Engine(model, eos_token_ids=tok.eos_ids).generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))
+    assert rec["confidence"] == pytest.approx(min(g.logprobs), abs=1e-4) and rec["confidence"] < 0

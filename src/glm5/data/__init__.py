@@ -21,14 +21,21 @@ from .world import ATTRIBUTES, KINDS, Entity, World, encyclopedia, unknown_famil
 
 GENERATORS = {"arithmetic": arithmetic, "world": world_family, "unknown": unknown_family, "retrieval": retrieval,
               "tool": tool, "chat": chat}
+# Named variants of a family: the same generator and scoring with fixed options (suites for `glm5 eval --suites`
+# and prompt sources for `glm5 rl --families`). Their examples keep the family's name.
+VARIANTS = {"arithmetic_long": ("arithmetic", {"min_digits": 3, "max_digits": 4})}  # both operands of 3-4 digits
 # Short families dominate; retrieval (1-4K tokens an example) only when the caller weights it in.
 DEFAULT_WEIGHTS = {"arithmetic": 0.3, "world": 0.25, "unknown": 0.15, "tool": 0.15, "chat": 0.15, "retrieval": 0.0}
 
 
 def examples(family: str, split: str, n: int, seed: int = 0, **kw) -> list[Example]:
-    """n examples of one family; the first k of n are the examples for n=k (same family, split, seed, kw)."""
+    """n examples of one family or named variant (VARIANTS); the first k of n are the examples for n=k (same family,
+    split, seed, kw)."""
+    if family in VARIANTS:
+        family, fixed = VARIANTS[family]
+        kw = {**fixed, **kw}
     if family not in GENERATORS:
-        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise ValueError(f"family must be one of {', '.join(FAMILIES + tuple(VARIANTS))}, got {family!r}")
     check_split(split)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -63,6 +70,6 @@ def chat_mixture(split: str, n: int, seed: int = 0, weights: dict[str, float] | 
 
 
 __all__ = ["ABSTAIN", "ATTRIBUTES", "DEFAULT_WEIGHTS", "FAMILIES", "GENERATORS", "KINDS", "SPLITS", "Entity", "Example",
-           "World", "add_steps", "approx_tokens", "arithmetic", "calculator", "chat", "chat_mixture", "copy_texts",
+           "VARIANTS", "World", "add_steps", "approx_tokens", "arithmetic", "calculator", "chat", "chat_mixture", "copy_texts",
            "encyclopedia", "examples", "mul_steps", "natural_text", "pretrain_texts", "retrieval", "sub_steps", "tool",
            "unknown_family", "world", "world_family"]

@@ -104,19 +104,22 @@ def arithmetic_example(a: int, op: str, b: int, template: str) -> Example:
                    meta={"op": op, "digits": max(len(str(a)), len(str(b))), "a": a, "b": b})
 
 
-def arithmetic(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, max_digits: int = 4) -> list[Example]:
-    """Operand digit counts drawn independently from 1..max_digits; the multiplier of '*' is one digit."""
+def arithmetic(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, max_digits: int = 4,
+               min_digits: int = 1) -> list[Example]:
+    """Operand digit counts drawn independently from min_digits..max_digits; the multiplier of '*' is one digit."""
     check_split(split)
     if not ops or any(op not in OPS for op in ops):
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
     if not 1 <= max_digits <= 9:
         raise ValueError(f"max_digits must be in 1..9, got {max_digits}")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"min_digits must be in 1..max_digits ({max_digits}), got {min_digits}")
     rng = rng_for("arithmetic", split, seed)
 
     def make(r: random.Random) -> tuple[int, str, int]:
         op = r.choice(ops)
-        a = _number(r, r.randint(1, max_digits))
-        b = r.randrange(10) if op == "*" else _number(r, r.randint(1, max_digits))
+        a = _number(r, r.randint(min_digits, max_digits))
+        b = r.randrange(10) if op == "*" else _number(r, r.randint(min_digits, max_digits))
         return a, op, b
 
     out = []

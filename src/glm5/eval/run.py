@@ -116,8 +116,8 @@ def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, hidden: list | N
 
 # ------------------------------------------------------------------------------------------------------ generation
 def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = False):
-    """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason, hidden states or None).
-    Prompts that do not fit the engine get (None, reason, None)."""
+    """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason, hidden states or None,
+    log-probs of the output ids). Prompts that do not fit the engine get (None, reason, None, None)."""
     from ..engine import SamplingParams, run_to_completion
 
     results: list = [None] * len(prompts)
@@ -125,15 +125,18 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = 
     for i, p in enumerate(prompts):
         room = engine.max_model_len - len(p)
         if room < 1:
-            results[i] = (None, f"prompt of {len(p)} tokens does not fit max_model_len {engine.max_model_len}", None)
+            results[i] = (None, f"prompt of {len(p)} tokens does not fit max_model_len {engine.max_model_len}", None,
+                          None)
             continue
         fit.append(i)
         params.append(SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room)))
     acc: dict[int, list[int]] = {i: [] for i in fit}
+    lps: dict[int, list[float]] = {i: [] for i in fit}
     for k, o in run_to_completion(engine, [prompts[i] for i in fit], params, return_hidden=hidden):
         acc[fit[k]] += o.new_token_ids
+        lps[fit[k]] += o.logprobs
         if o.finished:
-            results[fit[k]] = (acc[fit[k]], o.finish_reason, o.hidden)
+            results[fit[k]] = (acc[fit[k]], o.finish_reason, o.hidden, lps[fit[k]])
     return results
 
 
@@ -159,7 +162,7 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                 recs[i].setdefault("prompt_tokens", len(r.ids))
             outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp)
             again = []
-            for i, r, (ids, finish, h) in zip(active, rendered, outs):
+            for i, r, (ids, finish, h, logprobs) in zip(active, rendered, outs):
                 ex, rec = examples[i], recs[i]
                 if ids is None:
                     rec.update(skipped=finish, outcome=None)
@@ -184,7 +187,9 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                                          "content": run_tool_call(call, ex.tools, calculator)[0]})
                     again.append(i)
                     continue
+                # confidence: the least likely token of the final turn (greedy: the model's doubt at its shakiest step)
                 rec.update(outcome=score(ex, parsed, finish), finish_reason=finish, rounds=rnd + 1,
+                           confidence=round(min(logprobs), 4) if logprobs else None,
                            text=tok.decode(ids), content=parsed.content,
                            reasoning_chars=len(parsed.reasoning_content or ""))
                 bar.update()

@@ -16,6 +16,12 @@ Per family:
 Hallucination rate = wrong / (wrong + abstained): of the answers that were not right and not broken, how many were
 made up rather than declined. For known entities a low rate means "when it does not know, it says so"; for unknown
 ones every non-abstention is made up. Malformed outputs are left out of the rate (they are neither).
+
+Calibration (known entities): each record's confidence is the log-prob of the least likely token of its final turn.
+`calibration` reports how well it separates right from wrong answers (AUROC) and what abstaining below a
+confidence threshold would buy at a bounded cost in accuracy: the known-entity and combined hallucination rates if
+the model declined its least confident answers, as many as the cost allows. It is what the model's own doubt can
+buy; a policy trained to abstain (glm5 rl) is measured against it.
 """
 
 from __future__ import annotations
@@ -191,6 +197,52 @@ def mtp_summary(records: Iterable[dict]) -> dict:
     return {"acceptance": _rate(hits, pos), "hits": hits, "positions": pos, "per_suite": per}
 
 
+def auroc(pos: list[float], neg: list[float]) -> float | None:
+    """P(a random pos scores above a random neg), ties half: the Mann-Whitney statistic."""
+    if not pos or not neg:
+        return None
+    ranked = sorted([(x, 1) for x in pos] + [(x, 0) for x in neg])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):  # average ranks over ties
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        rank_sum += sum(lab for _, lab in ranked[i:j]) * (i + j + 1) / 2
+        i = j
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def calibration(records: list[dict], max_cost: float = 0.02) -> dict | None:
+    """Known-entity answers (world) by confidence: AUROC of right over wrong, and the hallucination rates if the
+    model declined its least confident answers while losing at most max_cost of the suite's accuracy (the
+    threshold chosen with hindsight: a bound on what this confidence signal can buy, not a deployable rule)."""
+    world = [r for r in records if r["family"] == "world" and r.get("outcome") in OUTCOMES]
+    answered = sorted((r for r in world if r["outcome"] in (CORRECT, WRONG) and r.get("confidence") is not None),
+                      key=lambda r: r["confidence"])
+    if not answered:
+        return None
+    budget = int(max_cost * len(world))
+    lost = caught = best = 0
+    for r in answered:  # decline in order of confidence while the budget holds
+        if r["outcome"] == CORRECT:
+            lost += 1
+            if lost > budget:
+                break
+        else:
+            caught += 1
+            best = caught
+    known = Counter(r["outcome"] for r in world)
+    unknown = Counter(r["outcome"] for r in records if r["family"] == "unknown")
+    after = known + Counter({ABSTAINED: best})
+    after[WRONG] -= best
+    return {"auroc": auroc([r["confidence"] for r in answered if r["outcome"] == CORRECT],
+                           [r["confidence"] for r in answered if r["outcome"] == WRONG]),
+            "max_accuracy_cost": max_cost, "wrong_declined": best, "wrong": known[WRONG],
+            "known_rate": hallucination(known)["rate"], "known_rate_after": hallucination(after)["rate"],
+            "combined_rate": hallucination(known + unknown)["rate"],
+            "combined_rate_after": hallucination(after + unknown)["rate"]}
+
+
 def summarize(records: list[dict]) -> dict:
     """Everything the report shows, from per-example records (each: suite, family, outcome; retrieval records also
     context_tokens, depth, mode; tool records tool_valid; mtp_hits / mtp_positions when measured). Records with
@@ -215,6 +267,7 @@ def summarize(records: list[dict]) -> dict:
     tool = [r for r in records if r["family"] == "tool"]
     out["tool"] = {"n": len(tool), "valid_call_rate": _rate(sum(bool(r.get("tool_valid")) for r in tool), len(tool)),
                    "final_accuracy": _rate(sum(r["outcome"] == CORRECT for r in tool), len(tool))}
+    out["calibration"] = calibration(records)
     out["mtp"] = mtp_summary(records)
     out["skipped"] = [{"suite": r["suite"], "reason": r["skipped"]} for r in skipped]
     return out

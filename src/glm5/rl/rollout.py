@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..chat import render_chat
-from ..chat_parse import ParsedOutput, parse_output
+from ..chat_parse import ParsedOutput, parse_output, token_pieces
 from ..data.example import Example
 from ..engine import SamplingParams
 from ..eval.score import run_tool_call
@@ -153,7 +153,7 @@ class Rollout:
         eos = set(self.engine.eos_token_ids)
         text_ids = turn[:-1] if finish == "stop" and turn and turn[-1] in eos else turn
         tools = s.example.tools
-        parsed = parse_output(self.tok.decode(text_ids), thinking=ep.thinking, tools=tools, parse_tools=bool(tools),
+        parsed = parse_output(token_pieces(self.tok, text_ids), thinking=ep.thinking, tools=tools, parse_tools=bool(tools),
                               make_id=lambda k: f"call_{k}")
         if s.turns == 1:
             s.first_output = parsed
