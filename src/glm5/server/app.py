@@ -35,6 +35,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from .protocol import (
     APIError,
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
@@ -269,16 +270,19 @@ def _check_prompt_size(state: ServerState, req) -> None:
     too_long(total, "messages")
 
 
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema plus the real request and response bodies: the generation routes read their bodies
-    themselves (see _parse), so FastAPI cannot see them; the pydantic models are added here, so /openapi.json is
-    what a client generator or a schema fuzzer (schemathesis) needs."""
+def _openapi(app: FastAPI, model_name: str) -> dict:
+    """FastAPI's schema made to say what the server does, so a client generator or a schema fuzzer (schemathesis)
+    can rely on it: the generation routes read their bodies themselves (see _parse), so their pydantic request and
+    response models are added here; every route lists the errors it can answer (validation is a 400 here, never
+    FastAPI's 422; the API key's 401; a 500 from anywhere); /metrics is text; `model` names the one served model."""
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body, which this server never sends
+        comps.pop(name, None)
 
     def ref(cls: type[BaseModel], mode: str) -> dict:
         s = cls.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
@@ -286,18 +290,46 @@ def _openapi(app: FastAPI) -> dict:
         comps[cls.__name__] = s
         return {"$ref": f"#/components/schemas/{cls.__name__}"}
 
-    error = {"description": "OpenAI-style error", "content": {"application/json": {"schema": ref(ErrorResponse,
-                                                                                                 "serialization")}}}
-    for path, req, resp in (("/v1/chat/completions", ChatCompletionRequest, ChatCompletion),
-                            ("/v1/completions", CompletionRequest, Completion)):
-        op = schema["paths"][path]["post"]
+    def json_body(cls: type[BaseModel], description: str) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": ref(cls, "serialization")}}}
+
+    error = json_body(ErrorResponse, "OpenAI-style error")
+
+    def errors(*codes: int) -> dict:
+        return {str(c): error for c in codes}
+
+    paths = schema["paths"]
+    paths["/health"]["get"]["responses"] = {"200": {"description": "The engine thread runs", "content": {
+        "application/json": {"schema": {"type": "object", "required": ["status", "model"], "properties": {
+            "status": {"const": "ok"}, "model": {"type": "string"}}}}}}, **errors(500, 503)}
+    paths["/metrics"]["get"]["responses"] = {"200": {"description": "Prometheus text format 0.0.4", "content": {
+        "text/plain": {"schema": {"type": "string"}}}}, **errors(401, 500)}
+    paths["/v1/models"]["get"]["responses"] = {"200": json_body(ModelList, "The served model"), **errors(401, 500)}
+    paths["/v1/models/{model_id}"]["get"]["responses"] = {"200": json_body(ModelCard, "The served model"),
+                                                          **errors(400, 401, 404, 500)}
+
+    def events(chunk: type[BaseModel]) -> dict:
+        # One server-sent event, as OpenAPI before 3.2 describes a text/event-stream (`schema` covers one event):
+        # its data is a chunk or an error body as JSON, or the closing "[DONE]".
+        json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+            "anyOf": [ref(chunk, "serialization"), ref(ErrorResponse, "serialization")]}}
+        return {"type": "object", "required": ["data"], "properties": {
+            "data": {"anyOf": [{"const": "[DONE]"}, json_data]}, "event": {"type": "string"}}}
+
+    for path, req, resp, chunk in (("/v1/chat/completions", ChatCompletionRequest, ChatCompletion,
+                                    ChatCompletionChunk),
+                                   ("/v1/completions", CompletionRequest, Completion, Completion)):
+        op = paths[path]["post"]
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(req, "validation")}}}
+        comps[req.__name__]["properties"]["model"] = {
+            "anyOf": [{"const": model_name}, {"type": "null"}], "default": None,
+            "description": "The served model (see /v1/models); another name is a 404."}
         op["responses"] = {
             "200": {"description": "The completion; with `stream: true`, server-sent events of chunks ending in "
                                    "`data: [DONE]`",
                     "content": {"application/json": {"schema": ref(resp, "serialization")},
-                                "text/event-stream": {"schema": {"type": "string"}}}},
-            **{str(c): error for c in (400, 401, 404, 413, 429, 500, 503)}}
+                                "text/event-stream": {"schema": events(chunk)}}},
+            **errors(400, 401, 404, 413, 429, 500, 503)}
     app.openapi_schema = schema
     return schema
 
@@ -342,7 +374,7 @@ def create_app(engine_or_model=None, *, tokenizer=None, model_name: str | None =
     app = FastAPI(title="glm5", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.glm5 = state
     app.add_middleware(_Gate, state=state, metrics_require_key=metrics_require_key)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, state.model_name)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
