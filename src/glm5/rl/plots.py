@@ -30,6 +30,9 @@ def plot_run(out_dir: Path) -> list[Path]:
     hr = [(r["step"], r["hallucination_rate"]) for r in recs if r["hallucination_rate"] is not None]
     if hr:
         ax[0, 1].plot(*zip(*hr), marker=".", color="C3")
+    else:
+        ax[0, 1].text(0.5, 0.5, "no world or unknown samples in this run", ha="center", va="center",
+                      transform=ax[0, 1].transAxes, color="0.4")
     ax[0, 1].set(title="hallucination rate (world + unknown)\nwrong / (wrong + abstained)", xlabel="step",
                  ylim=(-0.02, 1.02))
     hist = Counter(s for r in recs for s in r["staleness"])
