@@ -339,10 +339,11 @@ class Engine:
 
         def draw(rs: list[int]):
             idx = torch.tensor([rows[r] for r in rs], device=logits_BV.device)
-            mask = allowed_BW
-            if mask is not None and len(rs) < mask.shape[0]:
-                mask = mask[torch.tensor(rs, device=mask.device)]
-            g = sample(logits_BV[idx], [row_seqs[r].state for r in rs], [row_seqs[r].output_ids for r in rs], mask)
+            kw = {}  # no mask: the sampler is called exactly as without constrained decoding
+            if allowed_BW is not None:
+                kw["allowed_BW"] = allowed_BW if len(rs) == allowed_BW.shape[0] else \
+                    allowed_BW[torch.tensor(rs, device=allowed_BW.device)]
+            g = sample(logits_BV[idx], [row_seqs[r].state for r in rs], [row_seqs[r].output_ids for r in rs], **kw)
             for j, r in enumerate(rs):
                 res[r] = (g.tokens[j], g.logprobs[j], g.sampling_logprobs[j], g.top_logprobs[j])
 
