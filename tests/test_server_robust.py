@@ -118,6 +118,23 @@ def test_500_keeps_the_keep_alive_connection(monkeypatch):
         srv.stop()
 
 
+def test_client_gone_mid_body_is_no_server_error(caplog):
+    """A client that announces a body and leaves after a few bytes: counted as 499, no 500, no traceback logged."""
+    srv = start(ScriptedEngine(script("</think>x")))
+    try:
+        with socket.create_connection((srv.host, srv.port)) as s:
+            s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 100000\r\n\r\n".encode() + b'{"messages"')
+        c = httpx.Client(base_url=srv.url, timeout=30)
+        line = 'glm5_http_requests_total{method="POST",route="/v1/chat/completions",status="499"} 1'
+        wait_for(lambda: line in c.get("/metrics").text, what="the abandoned request to be counted")
+        assert 'status="500"' not in c.get("/metrics").text
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+        assert c.post(CHAT, json={"messages": USER}).status_code == 200
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------------------ drain timeout expiry
 def _shutdown_error(events: list[str]) -> dict:
     data = [e[6:] for e in events if e.startswith("data: ")]

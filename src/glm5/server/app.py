@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from .protocol import (
@@ -104,6 +105,10 @@ class _Gate:
             e = shutdown_error()
             with anyio.move_on_after(FINAL_WRITE_S, shield=True):
                 await JSONResponse(e.body(), status_code=503, headers={"Connection": "close"})(scope, receive, send)
+        except ClientDisconnect:
+            # The client left while its body was being read: nobody to answer, nothing wrong with the server.
+            # Counted as 499 (nginx's "client closed request", as the non-streamed answers whose client left).
+            status[0] = 499
         except Exception as e:
             # Answered here, not by an app.exception_handler(Exception): Starlette re-raises after such a handler
             # and uvicorn then drops the connection, so a client's keep-alive socket would die with every 500.
