@@ -294,7 +294,7 @@ def test_all_allowed_mask_changes_nothing():
 def test_specials_are_tokens_not_text():
     """grammar_tokenizer marks the tokenizer's specials special, even where tokenizer.json does not (real GLM
     files leave some unmarked): free text then never produces one, and a grammar names it."""
-    spec = json.loads(TOK._json)
+    spec = json.loads(TOK.json)
     for t in spec["added_tokens"]:
         t["special"] = False
     tj = json.dumps(spec)

@@ -13,7 +13,7 @@ and `glm47` tool-call parser (vllm/tool_parsers/glm47_moe_tool_parser.py on top 
   thinking). A leading `<think>` in the output is dropped. With thinking off, text is content unless it starts with
   `<think>`.
 - A tool call is `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value>...</tool_call>`. Names and keys are
-  stripped (as vLLM does). A value whose parameter's schema admits a string (`_is_string`: a type or type list,
+  stripped (as vLLM does). A value whose parameter's schema admits a string (`is_string_schema`: a type or type list,
   anyOf / oneOf, a string enum / const) stays verbatim, surrounding whitespace included; any other value is
   stripped and parsed as JSON, else as a Python literal, else kept as a string. `arguments` is the JSON text of the
   object, spelled as `json.dumps(args, ensure_ascii=False)` spells it. Content that is only whitespace around tool
@@ -160,7 +160,7 @@ class TagSplitter:
 
 
 # ---------------------------------------------------------------------------------------------------------- values
-def _is_string(schema: Any, depth: int = 0) -> bool:
+def is_string_schema(schema: Any, depth: int = 0) -> bool:
     """The JSON schema admits a string: `type: "string"`, a type list holding "string" (["string", "null"] is
     `Optional[str]`), an `anyOf` / `oneOf` branch that does, or a string `enum` / `const`. Such a value is kept
     verbatim, so "12345678" for an Optional[str] stays a string (vLLM's glm4_moe only looks at `type == "string"`
@@ -175,12 +175,12 @@ def _is_string(schema: Any, depth: int = 0) -> bool:
     enum = schema.get("enum")
     if isinstance(enum, list) and any(isinstance(e, str) for e in enum):
         return True
-    return any(_is_string(b, depth + 1) for k in ("anyOf", "oneOf")
+    return any(is_string_schema(b, depth + 1) for k in ("anyOf", "oneOf")
                if isinstance(schema.get(k), list) for b in schema[k])
 
 
 def _string_params(tools: Any) -> dict[str, set[str]]:
-    """tool name → parameter names whose JSON schema admits a string (`_is_string`)."""
+    """tool name → parameter names whose JSON schema admits a string (`is_string_schema`)."""
     out: dict[str, set[str]] = {}
     for t in tools or ():
         fn = t.get("function", t) if isinstance(t, Mapping) else None
@@ -188,7 +188,7 @@ def _string_params(tools: Any) -> dict[str, set[str]]:
             continue
         params = fn.get("parameters")
         props = (params.get("properties") if isinstance(params, Mapping) else None) or {}
-        out[fn["name"]] = {k for k, v in props.items() if _is_string(v)} if isinstance(props, Mapping) else set()
+        out[fn["name"]] = {k for k, v in props.items() if is_string_schema(v)} if isinstance(props, Mapping) else set()
     return out
 
 

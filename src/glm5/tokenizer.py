@@ -71,7 +71,7 @@ class Tokenizer:
                  generation_eos: Iterable[int] = (), source: str = "<memory>"):
         self.source = source
         self.config = dict(config or {})
-        self._json = tokenizer_json
+        self.json = tokenizer_json  # the tokenizer.json text (saved as is; grammar tokenizers are built from it)
         spec = json.loads(tokenizer_json)
         self._tok = _HFTokenizer.from_str(tokenizer_json)
         added = spec.get("added_tokens") or []
@@ -152,7 +152,7 @@ class Tokenizer:
         """Write tokenizer.json + tokenizer_config.json (chat template inside), e.g. next to a checkpoint."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "tokenizer.json").write_text(self._json, encoding="utf-8")
+        (out / "tokenizer.json").write_text(self.json, encoding="utf-8")
         cfg = dict(self.config)
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template

@@ -37,7 +37,7 @@ from functools import cached_property, lru_cache
 from typing import Any, Mapping
 
 from ..chat import normalize_tools
-from ..chat_parse import _is_string
+from ..chat_parse import is_string_schema
 from ..engine import RequestError, SamplingParams, StepOutput
 from ..engine.grammar import Grammar, GrammarError, grammar_tokenizer
 from ..loader import with_openai_defaults
@@ -87,7 +87,7 @@ class ServerState:
     def grammar_tokenizer(self):
         """llguidance's tokenizer, built on the first structured request (about a second for GLM-5's vocabulary)."""
         tok = self.tok
-        return grammar_tokenizer(tok._json, vocab_size=len(tok), eos_ids=tok.eos_ids,
+        return grammar_tokenizer(tok.json, vocab_size=len(tok), eos_ids=tok.eos_ids,
                                  special_ids=list(tok.special_ids.values()))
 
     def _compile_grammar(self, lark: str) -> Grammar:
@@ -395,7 +395,7 @@ def _value(g: _GrammarLines, rule: str, schema: Any, defs: dict, origin: str) ->
         return "(" + " | ".join(_lit(e) for e in enum) + ")"
     typed = any(k in schema for k in ("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties",
                                       "items"))
-    if _is_string(schema) or not typed:  # kept verbatim by the parser: free text
+    if is_string_schema(schema) or not typed:  # kept verbatim by the parser: free text
         return "TEXT?"
     # Sibling $defs make the parameters' "#/$defs/..." references resolve inside the value's own schema.
     g.json(rule, {**defs, **schema}, origin, lenient=True)

@@ -1,13 +1,14 @@
 """The two generation endpoints: /v1/chat/completions and /v1/completions, whole or streamed (SSE).
 
 Chat specifics (decisions, each documented for clients in the README's server section):
-- `tool_choice`: "auto" (default with tools) parses tool calls; "none" leaves the tools out of the prompt and parses
-  nothing; "required" renders and parses as "auto" (not enforced: no constrained decoding); a named function must be
-  one of `tools` (400 otherwise) and is forced: the prompt ends with `[</think>]<tool_call>NAME`, so the model writes
-  that call's arguments (reasoning is skipped, as OpenAI's forced calls do).
-- `response_format`: "json_object" is validated, not enforced. As OpenAI requires, a message must mention JSON
-  (that is the instruction; 400 otherwise); the answer's content must then parse as JSON, else the request fails
-  with 500 `invalid_json_output` (streamed: an error event before [DONE]). "json_schema" is refused (400).
+- `tool_choice`: "auto" (default with tools) lets the model answer or call; "none" leaves the tools out of the prompt
+  and parses nothing; "required" and a named function (which must be one of `tools`, 400 otherwise) force calls.
+  With tools declared, calls are enforced while decoding (runs.chat_grammar, llguidance): only declared names and
+  parameter keys can be produced; a named function's prompt ends with `[</think>]<tool_call>NAME`, so the model
+  writes that call's arguments (reasoning is skipped, as OpenAI's forced calls do).
+- `response_format`: "json_object" and "json_schema" are enforced while decoding. As OpenAI requires, a json_object
+  request must mention JSON in a message (400 otherwise); a schema that does not compile is a 400 `invalid_schema`;
+  an answer cut by max_tokens keeps `finish_reason: "length"` with the JSON so far.
 - `chat_template_kwargs`: `enable_thinking` (default true), `clear_thinking`, others go to a checkpoint's Jinja
   template. Reasoning comes back as `reasoning` (current vLLM) and as `reasoning_content` (older clients), the
   same text in both (message and deltas).
