@@ -165,8 +165,10 @@ async def chat_completions(state: ServerState, req: ChatCompletionRequest, reque
         prompt += [tok.token_id(s) for s in specials] + tok.encode(forced)
         prefix = [(s, True) for s in specials] + [(forced, False)]
     max_tokens = req.max_completion_tokens or req.max_tokens
-    params = sampling_params(state, req, prompt_len=len(prompt), max_tokens=max_tokens,
-                             top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0)
+    # Compiling a grammar for many tools or a large schema takes up to a few hundred ms: off the event loop too.
+    params = await anyio.to_thread.run_sync(lambda: sampling_params(
+        state, req, prompt_len=len(prompt), max_tokens=max_tokens,
+        top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0))
     stop = params.stop
     samples = [_ChatSample(state, stop, r.thinking, tools, parse_tools, prefix) for _ in range(params.n)]
     rid, created = new_id("chatcmpl"), int(time.time())
