@@ -523,3 +523,127 @@ def test_eval_records_carry_the_answer_confidence(tok):
     prompt = render_chat(tok, exs[0].prompt_messages, enable_thinking=True).ids
     ((g,),) = Engine(model, eos_token_ids=tok.eos_ids).generate([prompt], SamplingParams(temperature=0.0, max_tokens=6))
     assert rec["confidence"] == pytest.approx(min(g.logprobs), abs=1e-4) and rec["confidence"] < 0
+
+
+# ------------------------------------------------------------------------------- suites that meet users where they are
+def test_score_scope_refusals():
+    def scope_ex(q, specific):
+        return ex("scope", q, specific, meta={"specific": specific})
+
+    mul = scope_ex("what is 54*45", "I can only multiply by a one-digit number")
+    assert score(mul, out("I can only multiply by a one-digit number, so I can't compute 54 * 45.")) == CORRECT
+    assert score(mul, out("I can't do that.")) == ABSTAINED  # honest, not specific
+    assert score(mul, out("54 * 45 = 2430.")) == WRONG
+    assert score(mul, out("I can only multiply by a one-digit number. It is 1180.")) == WRONG  # a number invented
+    fr = scope_ex("What is the capital of France?", "I don't know France")
+    assert score(fr, out("I don't know France; I have no information about it.")) == CORRECT
+    assert score(fr, out("I don\u2019t know France.")) == CORRECT
+    assert score(fr, out("I don't know Frand; I have no information about it.")) == ABSTAINED  # the name mangled
+    assert score(fr, out("I don't know Francesca.")) == ABSTAINED
+    assert score(fr, out("The capital of France is Paris.")) == WRONG
+    assert score(fr, out("", "thinking")) == MALFORMED
+    from glm5.eval.score import details
+
+    assert details(mul, out("I can only multiply by a one-digit number. It is 1,180.")) == {"invented_numbers": [1180]}
+    assert details(mul, out("I can't compute 54 * 45.")) == {"invented_numbers": []}
+
+
+def _tc(expect_call, inner=None, answer="x", meta=None):
+    tools = [{"type": "function", "function": {"name": n, "parameters": {
+        "type": "object", "properties": {p: {"type": t}}, "required": [p]}}}
+        for n, p, t in (("get_weather", "city", "string"), ("set_timer", "minutes", "integer"))]
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}} if expect_call else None
+    return ex("tool_choice", "What's the weather in Paris?", answer, tools,
+              meta={"expect": "call" if expect_call else "answer", "call": call, "inner": inner,
+                    "declared": ["get_weather", "set_timer"], **(meta or {})})
+
+
+def _called(name, args):
+    return out(None, calls=[{"id": "c0", "type": "function", "function": {"name": name, "arguments": args}}])
+
+
+def test_score_tool_choice():
+    from glm5.eval.score import details
+
+    call = _tc(True)
+    assert score(call, _called("get_weather", '{"city": "Paris"}')) == CORRECT
+    assert score(call, _called("get_weather", '{"city": "Pari"}')) == WRONG  # the argument not copied exactly
+    assert score(call, _called("get_weather", '{"location": "Paris"}')) == WRONG
+    assert score(call, _called("calculator", '{"expression": "1+1"}')) == WRONG
+    assert details(call, _called("calculator", '{"expression": "1+1"}')) == {
+        "calls": ["calculator"], "undeclared_calls": 1, "choice_right": True}
+    assert score(call, out("It is sunny.")) == WRONG and details(call, out("It is sunny."))["choice_right"] is False
+    refuse = _tc(False, "scope", meta={"specific": "I can't play music"})
+    assert score(refuse, out("I can't play music: I have no tool for that.")) == CORRECT
+    assert score(refuse, _called("set_timer", '{"minutes": 5}')) == WRONG
+    assert details(refuse, _called("set_timer", '{"minutes": 5}'))["choice_right"] is False
+    unknown = _tc(False, "unknown", ABSTAIN)
+    assert score(unknown, out("I don't know Zyx.")) == CORRECT  # the inner family's right answer
+    assert score(unknown, out("Zyx was founded in 1900.")) == WRONG
+    arith = _tc(False, "arithmetic", "42")
+    assert score(arith, out("6 * 7 = 42.")) == CORRECT and score(arith, out("6 * 7 = 41.")) == WRONG
+    recs = [{"suite": "tool_choice", "family": "tool_choice", "meta": e.meta, "outcome": score(e, o), **details(e, o)}
+            for e, o in ((call, _called("get_weather", '{"city": "Paris"}')), (call, out("sunny")),
+                         (refuse, _called("calculator", '{"expression": "2"}')), (unknown, out("I don't know Zyx.")))]
+    s = summarize(recs)["suites"]["tool_choice"]
+    assert (s["accuracy"], s["choice_accuracy"], s["undeclared_calls"]) == (0.5, 0.5, 1)
+    assert (s["call_accuracy"], s["answer_accuracy"]) == (0.5, 0.5)
+
+
+def test_summaries_by_turn_and_family_and_own_suites_only():
+    recs = [{"suite": "multiturn", "family": f, "outcome": o, "meta": {"turn": t, "turn_kind": k}}
+            for f, o, t, k in (("world", CORRECT, 1, "new"), ("arithmetic", WRONG, 2, "new"),
+                               ("unknown", ABSTAINED, 2, "refer_pronoun"), ("world", WRONG, 3, "refer_what_about"))]
+    recs.append({"suite": "world", "family": "world", "outcome": CORRECT, "meta": {}})
+    s = summarize(recs)
+    m = s["suites"]["multiturn"]
+    assert {t: v["accuracy"] for t, v in m["by_turn"].items()} == {1: 1.0, 2: 0.5, 3: 0.0}
+    assert m["by_family"]["world"] == {"n": 2, "accuracy": 0.5} and "hallucination_rate" not in m
+    assert m["by_turn_kind"]["refer_pronoun"] == {"n": 1, "accuracy": 1.0}
+    # the overall hallucination numbers count the world / unknown suites themselves, not a multi-turn one
+    assert s["hallucination"]["known"] == {"wrong": 0, "abstained": 0, "rate": None}
+    assert s["hallucination"]["unknown"]["abstained"] == 0
+    assert "by turn 1: 100.0% (n=1), 2: 50.0% (n=2), 3: 0.0% (n=1)" in format_table(s)
+
+
+def test_gold_answers_of_the_new_suites_score_right_through_the_eval_path(tok):
+    # As test_gold_answers_score_right_through_the_eval_path, for the typed, multi-turn, thinking-off, out-of-scope
+    # and declared-tool suites: the prompt each gets (earlier turns, thinking off, declared tools) is a prefix of its
+    # gold chat, and the gold turn scores right.
+    from glm5.chat import render_chat
+    from glm5.data import examples
+
+    suites = ("arithmetic_typed", "multiturn", "scope", "tool_choice", "arithmetic_nothink", "world_nothink",
+              "chat_nothink")
+    exs = {s: examples(s, "heldout", 12, 1) for s in suites}
+    gold = {}
+    for e in (e for es in exs.values() for e in es):
+        i = len(e.prompt_messages)
+        prompt = render_chat(tok, e.prompt_messages, e.tools, enable_thinking=e.thinking).ids
+        full = render_chat(tok, e.messages[:i + 1], e.tools, add_generation_prompt=False).ids
+        assert full[:len(prompt)] == prompt
+        gold[tok.decode(prompt)] = tok.decode(full[len(prompt):]) + \
+            ("<|observation|>" if e.messages[i].get("tool_calls") else "<|user|>")
+    model = glm5.load_model(tiny().replace(vocab_size=tok.vocab_size))
+    recs = []
+    for s in suites:
+        eng = ScriptedEngine(tok, lambda p: gold[p])
+        recs += run_suite(eng, model, tok, s, exs[s], max_tokens=4000, mtp=False, progress=False)
+        assert all(p.endswith("<|assistant|></think>") == s.endswith("_nothink") for p in eng.prompts)
+    summary = summarize(recs)["suites"]
+    assert {k: v["accuracy"] for k, v in summary.items()} == {s: 1.0 for s in suites}
+    assert summary["scope"]["declined_rate"] == 1.0 and summary["scope"]["invented_numbers"] == 0
+    tc = summary["tool_choice"]
+    assert tc["choice_accuracy"] == 1.0 and tc["undeclared_calls"] == 0 and tc["call_accuracy"] == 1.0
+    assert all(r["rounds"] == 1 for r in recs if r["suite"] == "tool_choice")  # scored on the first turn
+    assert set(summary["multiturn"]["by_turn"]) == {1, 2, 3}
+
+
+def test_cli_takes_the_new_suites():
+    from glm5.eval.cli import MORE_SUITES, _suites
+
+    assert _suites("arithmetic_typed,multiturn,scope,tool_choice,world_nothink") == [
+        "arithmetic_typed", "multiturn", "scope", "tool_choice", "world_nothink"]
+    assert {"nothink", "arithmetic_nothink", "chat_nothink", "arithmetic_long"} <= set(MORE_SUITES)
+    with pytest.raises(argparse.ArgumentTypeError, match="tool_choice"):
+        _suites("tools")

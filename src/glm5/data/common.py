@@ -35,3 +35,20 @@ def draw(rng: random.Random, keep, make, what: str, tries: int = 10_000):
         if keep(x):
             return x
     raise RuntimeError(f"no {what} found in {tries} draws (is the pool for this split empty?)")
+
+
+class Pool:
+    """Examples of one generator handed out one at a time, prefix-stable: the k-th handed out is the k-th of
+    gen(split, n, seed, **kw) for every n >= k, however many the caller ends up taking (composed families draw
+    from other families without knowing in advance how many they need)."""
+
+    def __init__(self, gen, split: str, seed: int, **kw):
+        self.gen, self.split, self.seed, self.kw = gen, split, seed, kw
+        self.items: list = []
+        self.i = 0
+
+    def next(self):
+        if self.i >= len(self.items):  # the generator is prefix-stable: regenerate twice as many, keep the index
+            self.items = self.gen(self.split, max(16, 2 * len(self.items)), self.seed, **self.kw)
+        self.i += 1
+        return self.items[self.i - 1]

@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..data import VARIANTS
+from ..data import GENERATORS, VARIANTS
 from ..data.example import FAMILIES
+
+# Suites beyond the default families: the other generators (typed arithmetic, multi-turn, thinking-off,
+# out-of-scope, user-declared tools) and the named variants.
+MORE_SUITES = tuple(g for g in GENERATORS if g not in FAMILIES) + tuple(VARIANTS)
 
 
 def _ints(s: str) -> list[int]:
@@ -53,10 +57,10 @@ def _floats(s: str) -> list[float]:
 
 def _suites(s: str) -> list[str]:
     out = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in out if x not in FAMILIES and x not in VARIANTS]
+    bad = [x for x in out if x not in FAMILIES and x not in MORE_SUITES]
     if bad or not out:
         raise argparse.ArgumentTypeError(f"unknown suite(s) {', '.join(bad) or '(none)'}; choose from "
-                                         f"{', '.join(FAMILIES + tuple(VARIANTS))}")
+                                         f"{', '.join(FAMILIES + MORE_SUITES)}")
     return out
 
 
@@ -70,7 +74,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="examples per suite (retrieval: spread over the grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suites", type=_suites, default=list(FAMILIES),
-                   help=f"comma-separated ({','.join(FAMILIES)}; variants: {','.join(VARIANTS)})")
+                   help=f"comma-separated; default {','.join(FAMILIES)}; more: {','.join(MORE_SUITES)} "
+                        "(typed wordings, several turns, thinking off, out-of-scope requests, user-declared tools)")
     p.add_argument("--retrieval-lengths", type=_lengths, default=[1024, 2048, 4096],
                    help="context tokens (the retrieval n split over them), or LENGTH:EXAMPLES pairs; the speedrun's "
                         "eval: 1024:300,2048:15,4096:15 --seed 1000")

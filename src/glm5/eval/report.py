@@ -38,6 +38,7 @@ def format_table(result: dict) -> str:
             extra.append(f"halluc. {_pct(s['hallucination_rate'])}")
         if "valid_call_rate" in s:
             extra.append(f"valid call {_pct(s['valid_call_rate'])}")
+        extra += suite_notes(s)
         rows.append([name, s["n"], _pct(s["accuracy"]), *(c[o] for o in OUTCOMES),
                      _pct(per_mtp.get(name, {}).get("acceptance")), ", ".join(extra)])
     lines += _table(["suite", "n", "accuracy", *OUTCOMES, "MTP accept", "notes"], rows)
@@ -83,6 +84,24 @@ def format_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def suite_notes(s: dict) -> list[str]:
+    """The notes of one suite's summary beyond its counts: by turn, refusals, tool choice, by family."""
+    notes = []
+    if "by_turn" in s:
+        notes.append("by turn " + ", ".join(f"{t}: {_pct(v['accuracy'])} (n={v['n']})" for t, v in s["by_turn"].items()))
+    if "declined_rate" in s:
+        notes.append(f"declined honestly {_pct(s['declined_rate'])}, invented numbers {s['invented_numbers']} of "
+                     f"{s['refusals']}")
+    if "choice_accuracy" in s:
+        notes.append(f"call-vs-answer right {_pct(s['choice_accuracy'])}, undeclared calls {s['undeclared_calls']}, "
+                     f"calls right {_pct(s['call_accuracy'])}, answers right {_pct(s['answer_accuracy'])}")
+    if "by_reason" in s:
+        notes.append(", ".join(f"{k} {_pct(v['accuracy'])}" for k, v in s["by_reason"].items()))
+    if "by_family" in s:
+        notes.append(", ".join(f"{k} {_pct(v['accuracy'])} (n={v['n']})" for k, v in s["by_family"].items()))
+    return notes
+
+
 def write_json(result: dict, path: str | Path) -> Path:
     """Write atomically (temp file + rename): a crash never leaves half a report."""
     path = Path(path)
@@ -103,6 +122,15 @@ SUITE_LABELS = {
     "unknown": "unknown entities: abstains",
     "tool": "calculator tool: valid call / final answer",
     "chat": "small talk",
+    "arithmetic_long": "arithmetic: both operands of 3-4 digits",
+    "arithmetic_typed": "arithmetic in typed surface forms (held-out wordings)",
+    "multiturn": "several turns: the last one scored",
+    "arithmetic_nothink": "arithmetic, thinking off",
+    "world_nothink": "world facts, thinking off",
+    "unknown_nothink": "unknown entities, thinking off",
+    "chat_nothink": "small talk, thinking off",
+    "scope": "out-of-scope requests: declines specifically",
+    "tool_choice": "user-declared tools: call one or answer",
 }
 
 

@@ -1,6 +1,7 @@
-"""Held-out evaluation through the inference engine: greedy, thinking on, every prompt of a suite submitted at once
-(continuous batching), tool calls executed between rounds, retrieval run sparse and dense, and the MTP head's
-1-token draft acceptance measured offline on the completions.
+"""Held-out evaluation through the inference engine: greedy, thinking on (off for an example that says so:
+Example.thinking), every prompt of a suite submitted at once (continuous batching), calculator calls executed between
+rounds (a tool_choice example is scored on its first turn: its tools have no runtime here), retrieval run sparse and
+dense, and the MTP head's 1-token draft acceptance measured offline on the completions.
 
     result = evaluate(model, tok, n=100)          # suites from glm5.data (held-out split)
     print(format_table(result))                    # glm5/eval/report.py
@@ -18,9 +19,9 @@ import torch
 
 from ..chat import render_chat
 from ..chat_parse import parse_output, token_pieces
-from ..data.example import FAMILIES, Example
+from ..data.example import ALL_FAMILIES, FAMILIES, Example
 from ..model.mla import MLAttention
-from .score import run_tool_call, score, summarize, valid_first_call
+from .score import details, run_tool_call, score, summarize, valid_first_call
 
 RETRIEVAL_LENGTHS = (1024, 2048, 4096)
 RETRIEVAL_DEPTHS = (0.1, 0.5, 0.9)
@@ -157,7 +158,8 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
     bar = tqdm(total=len(examples), desc=name, disable=not progress)
     try:
         for rnd in range(max_tool_rounds + 1):
-            rendered = [render_chat(tok, convs[i], examples[i].tools, enable_thinking=True) for i in active]
+            rendered = [render_chat(tok, convs[i], examples[i].tools, enable_thinking=examples[i].thinking)
+                        for i in active]
             for i, r in zip(active, rendered):
                 recs[i].setdefault("prompt_tokens", len(r.ids))
             outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp)
@@ -174,9 +176,10 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                 parsed = parse_output(token_pieces(tok, text_ids), thinking=r.thinking, tools=ex.tools,
                                       parse_tools=bool(ex.tools), make_id=lambda k: f"call_{k}")
                 rec["output_tokens"] = rec.get("output_tokens", 0) + len(ids)
-                if ex.tools and rnd == 0:
+                calls_tools = ex.family == "tool"  # the calculator family; other tools have no runtime here
+                if calls_tools and rnd == 0:
                     rec["tool_valid"] = calculator is not None and valid_first_call(parsed, ex.tools, calculator)
-                if ex.tools and parsed.tool_calls and finish == "stop" and rnd < max_tool_rounds:
+                if calls_tools and parsed.tool_calls and finish == "stop" and rnd < max_tool_rounds:
                     if calculator is None:
                         raise ValueError(f"suite {name!r} offers tools but no calculator was given")
                     msg = parsed.message()
@@ -191,7 +194,7 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                 rec.update(outcome=score(ex, parsed, finish), finish_reason=finish, rounds=rnd + 1,
                            confidence=round(min(logprobs), 4) if logprobs else None,
                            text=tok.decode(ids), content=parsed.content,
-                           reasoning_chars=len(parsed.reasoning_content or ""))
+                           reasoning_chars=len(parsed.reasoning_content or ""), **details(ex, parsed))
                 bar.update()
             active = again
             if not active:
@@ -216,7 +219,8 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
 # ---------------------------------------------------------------------------------------------------- entry point
 def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, lengths=RETRIEVAL_LENGTHS,
                    depths=RETRIEVAL_DEPTHS) -> dict[str, list[Example]]:
-    """Held-out suites from glm5.data: n per family; retrieval n split over the (length, depth) grid (>= 1 a cell),
+    """Held-out suites from glm5.data: n per family (or generator or variant: glm5.data.GENERATORS, VARIANTS);
+    retrieval n split over the (length, depth) grid (>= 1 a cell),
     or, with lengths a mapping {context length: examples}, that many at each length, split over the depths; the
     context measured in this tokenizer's tokens. Each retrieval example's meta gets the grid cell it was asked
     for (length_bucket, depth_bucket): the generator's own context_tokens / depth are what it achieved, which
@@ -257,10 +261,11 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     if suites is None:
         suites = default_suites(families, n=n, seed=seed, tokenizer=tokenizer, lengths=retrieval_lengths,
                                 depths=retrieval_depths)
-    bad = sorted({f"{name}: {ex.family!r}" for name, exs in suites.items() for ex in exs if ex.family not in FAMILIES})
+    bad = sorted({f"{name}: {ex.family!r}" for name, exs in suites.items() for ex in exs
+                  if ex.family not in ALL_FAMILIES})
     if bad:  # before any generation: scoring would fail only after the work is done
-        raise ValueError(f"examples of unknown families ({', '.join(bad)}); known: {', '.join(FAMILIES)}")
-    if calculator is None and any(ex.tools for exs in suites.values() for ex in exs):
+        raise ValueError(f"examples of unknown families ({', '.join(bad)}); known: {', '.join(ALL_FAMILIES)}")
+    if calculator is None and any(ex.family == "tool" for exs in suites.values() for ex in exs):
         from ..data import calculator
     # As glm5.server.launch.build_engine, minus stop strings (none here): stops on the tokenizer's turn-end tokens,
     # <|observation|> included, which is where a tool call hands over.
@@ -297,7 +302,9 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     result["config"] = {"n": n, "seed": seed, "max_tokens": max_tokens, "retrieval_max_tokens": retrieval_max_tokens,
                         "max_tool_rounds": max_tool_rounds,
                         "retrieval_modes": list(retrieval_modes), "index_topk": model.config.index_topk,
-                        "greedy": True, "enable_thinking": True}
+                        "greedy": True, "enable_thinking": True,
+                        "thinking_off_suites": sorted(name for name, exs in suites.items()
+                                                      if any(not e.thinking for e in exs))}
     result["notes"] = notes
     result["engine"] = {k: v for k, v in engine.stats().items() if isinstance(v, (int, float))}
     result["seconds"] = round(time.perf_counter() - t0, 2)
