@@ -49,6 +49,7 @@ def _register_hooks():
     from glm5.server.protocol import ChatCompletionChunk, Completion, ErrorResponse
 
     cap = int(os.environ.get("GLM5_FUZZ_MAX_TOKENS", "16"))
+    max_events = 128 * (cap + 2) + 8  # as written to schemathesis.toml below
 
     @schemathesis.hook
     def map_body(ctx, body):
@@ -77,9 +78,14 @@ def _register_hooks():
             return None
         chunk = ChatCompletionChunk if case.path.endswith("/chat/completions") else Completion
         data = [ln[6:] for ln in response.text.split("\n") if ln.startswith("data: ")]
-        if not data or data[-1] != "[DONE]":
+        # schemathesis stops reading a stream after max-stream-events events (set above any stream here) or at the
+        # request timeout (a hang: no stream of a few tokens takes that long).
+        cut = getattr(response, "stream_cut_short", False)
+        if cut and len(data) < max_events:
+            raise AssertionError(f"the stream stalled: {len(data)} events before the request timeout")
+        if not cut and (not data or data[-1] != "[DONE]"):
             raise AssertionError(f"the stream does not end with `data: [DONE]` (last events: {data[-2:]})")
-        for d in data[:-1]:
+        for d in data[:-1] if not cut else [d for d in data if d != "[DONE]"]:
             try:
                 obj = json.loads(d)
                 (ErrorResponse if "error" in obj else chunk).model_validate(obj)
@@ -185,12 +191,17 @@ def main() -> int:
     env = dict(os.environ, SCHEMATHESIS_HOOKS="fuzz_server", GLM5_FUZZ_MAX_TOKENS=str(args.max_tokens),
                PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     st = Path(sys.executable).with_name("schemathesis")
+    # schemathesis reads only a stream's first 20 events by default; a stream here has at most n=128 samples x
+    # (max_tokens + 2) events, so it is read whole and its end checked.
+    config = out / "schemathesis.toml"
+    config.write_text(f"max-stream-events = {128 * (args.max_tokens + 2) + 8}\n")
     results = []
     t0 = time.monotonic()
     watch.start()
     try:
         for i, (what, extra, seconds) in enumerate(runs):
-            cmd = [str(st) if st.exists() else "schemathesis", "run", f"{url}/openapi.json", "--checks", "all",
+            cmd = [str(st) if st.exists() else "schemathesis", "--config-file", str(config), "run",
+                   f"{url}/openapi.json", "--checks", "all",
                    # A schema-valid request can still be refused for what a schema cannot say (a prompt longer than
                    # the context, json mode without "json" in the messages, tool_choice without tools): 400s are
                    # right there, so "positive data must be accepted" does not apply.
@@ -249,7 +260,9 @@ def main() -> int:
         e = re.search(r'<testsuites errors="(\d+)"', j)
         errors += int(e.group(1)) if e else 0
     failures = sum(kinds.values())
-    hangs = [f"{v} x {k}" for k, v in kinds.items() if re.search(r"time ?out", k, re.I)] + watch.stalls
+    stalled = sum(text.count("the stream stalled") for _, _, text, _ in results)
+    hangs = [f"{v} x {k}" for k, v in kinds.items() if re.search(r"time ?out", k, re.I)] + watch.stalls \
+        + ([f"{stalled} streams stalled (see the schemathesis output)"] if stalled else [])
     schema = sum(v for k, v in kinds.items() if re.search(r"schema|Content-Type|status code|stream", k, re.I))
     held = {k: metrics.get(k, 0) for k in ("glm5_requests_in_flight", "glm5_num_requests_running",
                                            "glm5_num_requests_waiting", 'glm5_kv_cache_blocks{state="used"}')}

@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     s.add_argument("--max-body-mib", type=float, default=8.0, help="largest request body (413 above)")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="on SIGTERM, seconds to let in-flight "
-                   "requests finish before cancelling them")
+                   "requests finish; those still running then end with a 503 server_shutting_down error (streams: "
+                   "an error event and [DONE])")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=cmd_serve)
 
