@@ -297,6 +297,9 @@ def test_bad_options_fail_before_the_run_with_one_clear_line(ckpt, tmp_path):
         (dict(reward="glm5.rl.rewards:no_such_fn"), "no attribute 'no_such_fn'"),
         (dict(families=("chat",), reward=RLConfig.reward), "does not score them"),
         (dict(group_size=1), "--group-size 1"),
+        (dict(backend="slurm"), "--backend 'slurm': expected one of local, ray"),
+        (dict(rollout_workers=2), "--rollout-workers 2 needs --backend ray"),
+        (dict(ray_address="10.0.0.1:6379"), "--ray-address 10.0.0.1:6379 needs --backend ray"),
     ]
     for kw, msg in cases:
         with pytest.raises(RLError, match=msg.replace("(", r"\(")) as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .loop import MODES, RLConfig
+    from .loop import BACKENDS, MODES, RLConfig
     from .trainer import RLTrainConfig
 
     d, t = RLConfig(model="", out_dir=""), RLTrainConfig()
@@ -39,10 +39,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="off-policy correction of each token")
     p.add_argument("--std-normalize", action="store_true", help="GRPO advantages divided by the group's std")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--rollout-threads", type=int, default=None)
+    p.add_argument("--rollout-threads", type=int, default=None, help="threads of each rollout engine (default: the "
+                   "cores left to rollout, shared among --rollout-workers)")
     p.add_argument("--train-threads", type=int, default=None)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", default="", help="'auto' (the newest checkpoint under --out-dir) or a checkpoint")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="where the rollout workers run: local (one "
+                   "process beside the trainer) or ray (Ray actors, restarted if they die)")
+    p.add_argument("--ray-address", default=None, help="ray: join this cluster (HOST:PORT of `ray start --head`); "
+                   "default: start Ray on this machine")
+    p.add_argument("--rollout-workers", type=int, default=d.rollout_workers,
+                   help="ray: rollout workers, one engine each (--rollout-threads threads and as many Ray CPUs each)")
     p.add_argument("--eval-n", type=int, default=0, help="evaluate before and after on n held-out examples per "
                    "family (0: no eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,6 +73,7 @@ def cmd_rl(args) -> int:
                    dynamic_sampling=not args.no_dynamic_sampling, max_tokens=args.max_tokens, seed=args.seed,
                    rollout_threads=args.rollout_threads, train_threads=args.train_threads,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,
+                   backend=args.backend, ray_address=args.ray_address, rollout_workers=args.rollout_workers,
                    train=RLTrainConfig(lr=args.lr, correction=args.correction, std_normalize=args.std_normalize))
     try:
         run = RLRun(cfg)

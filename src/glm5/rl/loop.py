@@ -1,9 +1,14 @@
 """`glm5 rl`: asynchronous RL in the slime style, one loop for three modes.
 
-The driver (this process) owns the trainer, the buffer, the prompt stream and the version counters; a rollout
-worker process owns the engine (glm5.rl.worker). The driver starts groups only while the buffer's capacity allows
-(AReaL's admission control: a group started while the engine holds version p is trained by version p + tau at the
-latest), trains on the oldest B groups as soon as they are there, and pushes its weights to the worker.
+The driver (this process) owns the trainer, the buffer, the prompt stream and the version counters; rollout workers
+own the engines (glm5.rl.worker). The driver starts groups only while the buffer's capacity allows (AReaL's admission
+control: a group started while the engines hold version p is trained by version p + tau at the latest), trains on
+the oldest B groups as soon as they are there, and pushes its weights to the workers.
+
+Where the workers live is the backend, and the loop sees it only through a WorkerPool: `local` is one worker
+process beside the driver (glm5.rl.worker.LocalWorker); `ray` is R workers as Ray actors on any nodes of a cluster,
+weights through the object store, a dead worker restarted and its unfinished groups started again
+(glm5.rl.ray_backend.RayPool). Both run this same loop; with R = 1 they train the same weights bit for bit.
 
     mode           tau (max staleness)   weights reach the engine
     sync           0                     after the rollout drained: rollout, then train, then rollout ...
@@ -27,23 +32,25 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
-import queue
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from .buffer import Group, RolloutBuffer
 from .trainer import RLTrainConfig, make_optimizer, train_step
-from .worker import WorkerConfig, worker_main
+from .worker import LocalWorker, WorkerConfig
 
 log = logging.getLogger("glm5.rl")
 
 MODES = ("sync", "one-step-off", "async")
+BACKENDS = ("local", "ray")
+# what becomes of a sample a worker returns: every generated one ends in exactly one other fate, or is still queued
+SAMPLE_FATES = ("generated", "skipped_reward", "dropped_failed", "dropped_uniform", "dropped_stale", "trained")
 
 
 @dataclass
@@ -73,6 +80,9 @@ class RLConfig:
     checkpoint_every: int = 10
     keep_last: int = 2
     resume: str = ""  # "" fresh, "auto" the newest checkpoint under out_dir, or a checkpoint path
+    backend: str = "local"  # where the rollout workers live: "local" (one process) or "ray" (actors)
+    ray_address: str | None = None  # ray: join this cluster (HOST:PORT, ray://HOST:PORT, auto); None starts one here
+    rollout_workers: int = 1  # R, ray only
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     progress: bool = True
 
@@ -81,7 +91,12 @@ class RLConfig:
 
 
 class RLError(ValueError):
-    """A run that cannot start: bad options, a checkpoint RL cannot train."""
+    """A run that cannot start (bad options, a checkpoint RL cannot train, Ray missing or out of reach) or cannot go
+    on; its message is one line for the person running it."""
+
+
+class TrainerFailed(RLError):
+    """The optimizer step raised: the run stopped, to resume from its last checkpoint."""
 
 
 def check_config(cfg: RLConfig) -> None:
@@ -95,6 +110,15 @@ def check_config(cfg: RLConfig) -> None:
     for name in ("steps", "groups_per_step", "push_every", "max_tokens", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    if cfg.backend not in BACKENDS:
+        problems.append(f"--backend {cfg.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if cfg.rollout_workers < 1:
+        problems.append(f"--rollout-workers {cfg.rollout_workers}: must be >= 1")
+    elif cfg.backend == "local" and cfg.rollout_workers > 1:
+        problems.append(f"--rollout-workers {cfg.rollout_workers} needs --backend ray (the local backend runs one "
+                        f"rollout worker)")
+    if cfg.backend == "local" and cfg.ray_address:
+        problems.append(f"--ray-address {cfg.ray_address} needs --backend ray")
     if cfg.group_size < 2:
         problems.append(f"--group-size {cfg.group_size}: GRPO compares samples of one prompt, so at least 2")
     unknown = [f for f in cfg.families if f not in FAMILIES]
@@ -124,6 +148,10 @@ def check_config(cfg: RLConfig) -> None:
     if (Path(cfg.model) / "config.json").is_file() and read_quant_config(*read_hf_config(cfg.model)) is not None:
         raise RLError(f"glm5 rl: {cfg.model} is an FP8 checkpoint; RL trains BF16/FP32 weights. Convert it first: "
                       f"glm5 quantize {cfg.model} OUT --to bf16")
+    if cfg.backend == "ray":  # before the model loads: Ray missing or a cluster out of reach is one clear line
+        from .ray_backend import check_ray
+
+        check_ray(cfg.ray_address)
 
 
 class PromptStream:
@@ -142,54 +170,28 @@ class PromptStream:
         return pool[(i // len(self.families)) % len(pool)]
 
 
-class LocalWorker:
-    """The rollout worker in a child process (spawned: a fresh interpreter, no forked torch state)."""
+class WorkerPool(Protocol):
+    """Where the rollout workers live (glm5.rl.worker.LocalWorker, glm5.rl.ray_backend.RayPool). get() returns the
+    next of:
+        ("group", gid, [sample dicts], worker index)    a finished, scored group
+        ("pushed", version, seconds to apply, seconds since sent)    one worker holds new weights
+        ("lost", [gids], reason)    a worker died with these groups unfinished: none of their samples came back, and
+                                    the driver starts them again (the pool has restarted the worker)
+    A failure the pool cannot recover from raises."""
 
-    def __init__(self, cfg: WorkerConfig):
-        ctx = mp.get_context("spawn")
-        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=worker_main, args=(cfg, self.inbox, self.outbox), daemon=True,
-                                name="glm5-rollout")
-        self.proc.start()
-        kind, info = self.get(timeout=600)
-        if kind != "ready":
-            raise RuntimeError(f"rollout worker did not start: {info}")
-        self.info = info
+    restarts: int  # workers restarted so far
 
-    def put(self, msg) -> None:
-        self.inbox.put(msg)
+    def push(self, version: int, state_dict: dict) -> None:
+        """Every worker gets these weights (copied: the trainer goes on changing its own), and so does any worker
+        started later."""
 
-    def get(self, timeout: float):
-        while True:
-            try:
-                msg = self.outbox.get(timeout=min(timeout, 5.0))
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    raise RuntimeError(f"rollout worker died (exit code {self.proc.exitcode})") from None
-                timeout -= 5.0
-                if timeout <= 0:
-                    raise TimeoutError("rollout worker sent nothing") from None
-                continue
-            if msg[0] == "error":
-                raise RuntimeError(f"rollout worker failed:\n{msg[1]}")
-            return msg
+    def submit(self, orders: list) -> None:
+        """Start groups: [(gid, example, group_size, seed), ...]."""
+
+    def get(self, timeout: float) -> tuple: ...
 
     def stop(self) -> dict:
-        info = {}
-        if self.proc.is_alive():
-            self.inbox.put(("stop",))
-            try:
-                while True:
-                    msg = self.outbox.get(timeout=30)
-                    if msg[0] == "stopped":
-                        info = msg[1]
-                        break
-            except queue.Empty:
-                pass
-        self.proc.join(timeout=10)
-        if self.proc.is_alive():
-            self.proc.kill()
-        return info
+        """Stop every worker (idempotent): mean busy_s and idle_s, and "workers": where each ran, what it did."""
 
 
 class RLRun:
@@ -205,7 +207,9 @@ class RLRun:
         cores = os.cpu_count() or 1
         split = cfg.staleness() > 0  # rollout and training overlap: each its own cores
         self.train_threads = cfg.train_threads or (max(1, cores // 2) if split else cores)
-        self.rollout_threads = cfg.rollout_threads or (max(1, cores - self.train_threads) if split else cores)
+        # per rollout worker; the Ray backend reserves as many CPUs for each (num_cpus)
+        self.rollout_threads = cfg.rollout_threads or max(
+            1, (max(1, cores - self.train_threads) if split else cores) // cfg.rollout_workers)
         torch.set_num_threads(self.train_threads)
         loaded = load(cfg.model, tokenizer_dir=cfg.tokenizer)
         self.model, self.tok = loaded.model.float(), loaded.tokenizer
@@ -221,6 +225,10 @@ class RLRun:
         self.redo: deque[int] = deque()  # groups to start again (lost with a killed worker before a resume)
         self.skipped_samples = 0  # samples whose reward function failed
         self.dropped_failed = 0  # groups left with fewer than two scored samples
+        # every sample a worker returns, counted once by its fate; queued: gid -> samples of groups still queued
+        self.samples: Counter = Counter(dict.fromkeys(SAMPLE_FATES, 0))
+        self.queued: dict = {}
+        self.groups_requeued = 0  # groups a dead worker took with it, started again
         self.metrics_path = self.out / "metrics.jsonl"
         self.ckpt_root = self.out / "checkpoints"
         self.resumed_from = self._resume()
@@ -229,7 +237,8 @@ class RLRun:
     def _state(self) -> dict:
         return {"step": self.step, "pushed": self.pushed, "next_prompt": self.next_prompt,
                 "inflight": sorted(set(self.inflight) | set(self.redo)), "skipped_samples": self.skipped_samples,
-                "dropped_failed": self.dropped_failed, "buffer": self.buffer.state_dict(), "config": asdict(self.cfg)}
+                "dropped_failed": self.dropped_failed, "samples": dict(self.samples),
+                "groups_requeued": self.groups_requeued, "buffer": self.buffer.state_dict(), "config": asdict(self.cfg)}
 
     def save(self) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -265,6 +274,10 @@ class RLRun:
         self.step, self.pushed, self.next_prompt = st["step"], st["step"], st["next_prompt"]
         self.redo = deque(st["inflight"])
         self.skipped_samples, self.dropped_failed = st["skipped_samples"], st["dropped_failed"]
+        self.queued = {d["uid"]: len(d["data"]["samples"]) for d in st["buffer"]["queue"]}
+        # a checkpoint from before the sample counts: count from here, the queued groups as generated
+        self.samples.update(st.get("samples", {"generated": sum(self.queued.values())}))
+        self.groups_requeued = st.get("groups_requeued", 0)
         # metrics past the checkpoint belong to steps that will be trained again
         if self.metrics_path.exists():
             lines = [ln for ln in self.metrics_path.read_text().splitlines() if _step_of(ln) <= self.step]
@@ -291,16 +304,13 @@ class RLRun:
         return dest
 
     # -- the loop --------------------------------------------------------------------------------------------------
-    def _push(self, worker) -> float:
+    def _push(self, pool: WorkerPool) -> float:
         t0 = time.perf_counter()
-        # a copy: the queue moves tensors into shared memory, and the trainer's own must not be shared (the next
-        # optimizer step would change what the engine reads before it has copied it)
-        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        worker.put(("weights", self.step, sd, time.time()))
+        pool.push(self.step, self.model.state_dict())
         self.pushed = self.step
         return time.perf_counter() - t0
 
-    def _dispatch(self, worker) -> int:
+    def _dispatch(self, pool: WorkerPool) -> int:
         cap = self.buffer.capacity(self.pushed, self.cfg.groups_per_step, running=len(self.inflight))
         orders = []
         while cap > 0:
@@ -311,7 +321,7 @@ class RLRun:
             self.inflight[gid] = time.perf_counter()
             cap -= 1
         if orders:
-            worker.put(("generate", orders))
+            pool.submit(orders)
         return len(orders)
 
     def _receive(self, msg, stats) -> None:
@@ -320,12 +330,24 @@ class RLRun:
             stats["push_apply_s"].append(msg[2])
             stats["push_e2e_s"].append(msg[3])
             return
+        if kind == "lost":  # a dead worker's unfinished groups: nothing of them arrived, so they start again
+            _, gids, reason = msg
+            log.warning("rollout worker lost (%s): starting groups %s again", reason, gids)
+            for gid in gids:
+                if self.inflight.pop(gid, None) is not None:
+                    self.redo.append(gid)
+                    stats["requeued"].append(gid)
+                    self.groups_requeued += 1
+            return
         if kind != "group":
             return
-        _, gid, samples = msg
+        _, gid, samples, worker = msg
         self.inflight.pop(gid, None)
+        stats["by_worker"][worker] += 1
         kept = [s for s in samples if s["reward"] is not None]
         self.skipped_samples += len(samples) - len(kept)
+        self.samples["generated"] += len(samples)
+        self.samples["skipped_reward"] += len(samples) - len(kept)
         stats["tokens"] += sum(sum(s["mask"]) for s in samples)
         for s in samples:
             stats["outcomes"][s["family"]][s["outcome"]] += 1
@@ -333,6 +355,7 @@ class RLRun:
                 stats["rewards"][s["family"]].append(s["reward"])
         if len(kept) < 2:  # GRPO needs two samples to compare
             self.dropped_failed += 1
+            self.samples["dropped_failed"] += len(kept)
             failed = stats["arrivals"]["dropped_failed"]
             failed.append(gid)
             if len(failed) > self.cfg.max_oversample * self.cfg.groups_per_step:
@@ -346,43 +369,80 @@ class RLRun:
         group = Group(gid, [s["reward"] for s in kept], [[v for v in s["versions"] if v >= 0] for s in kept],
                       {"samples": [{k: s[k] for k in ("ids", "mask", "logprobs")} for s in kept],
                        "family": kept[0]["family"]})
-        stats["arrivals"][self.buffer.put(group, self.step)].append(gid)
+        outcome = self.buffer.put(group, self.step)
+        stats["arrivals"][outcome].append(gid)
+        if outcome == "admitted":
+            self.queued[gid] = len(kept)
+        else:
+            self.samples[outcome] += len(kept)
+
+    def _take_batch(self) -> list[Group] | None:
+        """The buffer's next batch, its samples counted as trained (and any that went stale in the queue as
+        dropped)."""
+        stale = self.buffer.counts["dropped_stale"]
+        batch = self.buffer.get_batch(self.cfg.groups_per_step, self.step)
+        for g in batch or ():
+            self.samples["trained"] += self.queued.pop(g.uid)
+        if self.buffer.counts["dropped_stale"] != stale:  # the draw dropped groups that turned stale in the queue
+            still = {d["uid"] for d in self.buffer.state_dict()["queue"]}
+            for gid in [g for g in self.queued if g not in still]:
+                self.samples["dropped_stale"] += self.queued.pop(gid)
+        return batch
+
+    def sample_counts(self) -> dict:
+        """Every sample a worker returned, by fate; raises if they do not add up (one lost or counted twice)."""
+        counts = {**self.samples, "queued": sum(self.queued.values())}
+        fates = sum(v for k, v in counts.items() if k != "generated")
+        if fates != counts["generated"] or len(self.queued) != len(self.buffer):
+            raise AssertionError(f"sample counts do not add up: {counts} ({len(self.queued)} groups queued by the "
+                                 f"count, {len(self.buffer)} in the buffer)")
+        return counts
+
+    def _start_workers(self) -> WorkerPool:
+        cfg = self.cfg
+        wcfg = WorkerConfig(model=cfg.model, tokenizer=cfg.tokenizer, reward=cfg.reward, generate=cfg.generate,
+                            threads=self.rollout_threads, max_tokens=cfg.max_tokens,
+                            max_tool_rounds=cfg.max_tool_rounds, seed=cfg.seed,
+                            update_in_flight=cfg.mode == "async", recompute_on_update=cfg.recompute_on_update)
+        if cfg.backend == "ray":
+            from .ray_backend import RayPool
+
+            return RayPool(wcfg, cfg.rollout_workers, cfg.ray_address)
+        return LocalWorker(wcfg)
 
     def run(self, on_step=None) -> dict:
         """Train to cfg.steps; on_step(record) after each step (the record metrics.jsonl gets)."""
         from tqdm import tqdm
 
         cfg = self.cfg
-        wcfg = WorkerConfig(model=cfg.model, tokenizer=cfg.tokenizer, reward=cfg.reward, generate=cfg.generate, threads=self.rollout_threads,
-                            max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds, seed=cfg.seed,
-                            update_in_flight=cfg.mode == "async", recompute_on_update=cfg.recompute_on_update)
         t_start = time.perf_counter()
-        worker = LocalWorker(wcfg)
+        pool = self._start_workers()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"rl {cfg.mode}", disable=not cfg.progress,
                    dynamic_ncols=True)
         totals = Counter()
         try:
-            self._push(worker)  # the engine starts from the trainer's weights (a resumed run's, too)
+            self._push(pool)  # the engines start from the trainer's weights (a resumed run's, too)
             stats = _new_stats()
             t_wait = 0.0
             while self.step < cfg.steps:
-                self._dispatch(worker)
-                batch = self.buffer.get_batch(cfg.groups_per_step, self.step)
+                self._dispatch(pool)
+                batch = self._take_batch()
                 if batch is None:
                     t0 = time.perf_counter()
-                    self._receive(worker.get(timeout=3600), stats)
+                    self._receive(pool.get(timeout=3600), stats)
                     t_wait += time.perf_counter() - t0
                     continue
                 batch.sort(key=lambda g: g.uid)  # the same sum order whatever order the groups arrived in
                 t0 = time.perf_counter()
-                tstats = train_step(self.model, self.opt, batch, cfg.train)
+                tstats = self._train(batch)
                 t_train = time.perf_counter() - t0
                 self.step += 1
-                # async pushes every K steps, and always before the engine's weights fall more than tau behind:
+                # async pushes every K steps, and always before the engines' weights fall more than tau behind:
                 # capacity is measured from them, and would reach 0 with nothing left running
                 due = cfg.mode != "async" or self.step % cfg.push_every == 0 or self.step - self.pushed > self.tau
-                push_s = self._push(worker) if due else None
-                rec = self._record(batch, tstats, stats, t_train, t_wait, push_s, time.perf_counter() - t_start)
+                push_s = self._push(pool) if due else None
+                rec = self._record(batch, tstats, stats, t_train, t_wait, push_s, time.perf_counter() - t_start,
+                                   pool.restarts)
                 totals.update({"train_s": t_train, "wait_s": t_wait})
                 stats, t_wait = _new_stats(), 0.0
                 bar.set_postfix(reward=f"{rec['reward_mean']:+.2f}", stale=rec["staleness_max"],
@@ -392,23 +452,39 @@ class RLRun:
                     on_step(rec)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-            worker_info = worker.stop()
         finally:
             bar.close()
-            if worker.proc.is_alive():
-                worker.stop()
+            pool_info = pool.stop()
         self.buffer.check()
+        samples = self.sample_counts()
         self.export(self.out / "model")
         wall = time.perf_counter() - t_start
-        summary = {"mode": cfg.mode, "steps": self.step, "seconds": round(wall, 2), "buffer": self.buffer.stats(),
-                   "skipped_samples": self.skipped_samples, "dropped_failed": self.dropped_failed,
+        summary = {"mode": cfg.mode, "backend": cfg.backend, "steps": self.step, "seconds": round(wall, 2),
+                   "buffer": self.buffer.stats(), "samples": samples, "skipped_samples": self.skipped_samples,
+                   "dropped_failed": self.dropped_failed, "groups_requeued": self.groups_requeued,
+                   "worker_restarts": pool.restarts, "workers": pool_info.get("workers", []),
                    "trainer_idle_share": totals["wait_s"] / wall,
-                   "rollout_idle_share": worker_info.get("idle_s", 0.0) / wall,
+                   "rollout_idle_share": pool_info.get("idle_s", 0.0) / wall,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _record(self, batch, tstats, stats, t_train, t_wait, push_s, elapsed) -> dict:
+    def _train(self, batch: list[Group]) -> dict:
+        """One optimizer step. A failure stops the run, which resumes from the last checkpoint (`--resume auto`):
+        nothing is saved here, since a step that failed half-way may have moved some weights and not others."""
+        from ..train import checkpoint as ckpt
+
+        try:
+            return train_step(self.model, self.opt, batch, self.cfg.train)
+        except Exception as e:
+            log.error("the trainer failed at step %d", self.step + 1, exc_info=True)
+            last = ckpt.resolve("auto", self.ckpt_root)
+            where = f"resume from {last} with --resume auto" if last else "no checkpoint yet: start again"
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise TrainerFailed(f"glm5 rl: the trainer failed at step {self.step + 1} ({type(e).__name__}: "
+                                f"{first}); the run stopped; {where}") from e
+
+    def _record(self, batch, tstats, stats, t_train, t_wait, push_s, elapsed, restarts) -> dict:
         rewards = [r for g in batch for r in g.rewards]
         fam_rewards = defaultdict(list)
         for g in batch:
@@ -431,6 +507,8 @@ class RLRun:
                                                                               ("loss", "tokens", "clipped",
                                                                                "grad_norm", "kl_roll")},
                "trained_groups": [g.uid for g in batch], "arrivals": dict(stats["arrivals"]),
+               "groups_by_worker": {str(w): n for w, n in sorted(stats["by_worker"].items())},
+               "requeued": stats["requeued"], "worker_restarts": restarts, "samples": dict(self.samples),
                "buffer": self.buffer.stats()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -438,8 +516,8 @@ class RLRun:
 
 
 def _new_stats() -> dict:
-    return {"tokens": 0, "outcomes": defaultdict(Counter), "rewards": defaultdict(list), "push_apply_s": [], "push_e2e_s": [],
-            "arrivals": defaultdict(list)}
+    return {"tokens": 0, "outcomes": defaultdict(Counter), "rewards": defaultdict(list), "push_apply_s": [],
+            "push_e2e_s": [], "arrivals": defaultdict(list), "by_worker": Counter(), "requeued": []}
 
 
 def _hallucination(oc) -> float | None:

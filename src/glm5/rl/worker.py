@@ -10,11 +10,14 @@ It takes orders from one inbox, in order, and answers in one outbox:
 Rewards are computed here, beside the engine (slime's reward model runs in the rollout too): the driver receives
 finished, scored groups. A sample whose reward function fails is sent with reward None and left out of training.
 
-The same class runs in-process (`RolloutWorker.handle` / `.poll`), which is what the process loop calls.
+`RolloutWorker` is the engine and its rollout, driven in-process by `handle` / `poll`; `serve` is the loop around it
+that both backends run: in a spawned process (`LocalWorker`, the local backend) or on a thread of a Ray actor
+(glm5.rl.ray_backend). The driver sees either through the same worker-pool interface (glm5.rl.loop.WorkerPool).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import queue
 import time
@@ -121,17 +124,15 @@ class RolloutWorker:
         return out
 
 
-def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
-    """The worker process: orders in, replies out, until ("stop",) or until its driver is gone."""
-    parent = os.getppid()
-    # Replies nobody reads (a killed driver) must not keep this process alive at exit.
-    outbox.cancel_join_thread()
+def serve(cfg: WorkerConfig, inbox, outbox, alive=lambda: True, info: dict | None = None) -> None:
+    """The worker loop: orders in, replies out, until ("stop",) or until alive() says the driver is gone. inbox and
+    outbox are queues (multiprocessing's in a local worker process, queue.Queue in a Ray actor's thread)."""
     try:
         w = RolloutWorker(cfg)
-        outbox.put(("ready", {"max_model_len": w.engine.max_model_len}))
+        outbox.put(("ready", {"max_model_len": w.engine.max_model_len, "pid": os.getpid(), **(info or {})}))
         orders: deque = deque()
         while True:
-            if os.getppid() != parent:  # the driver died: whatever this would generate is regenerated on resume
+            if not alive():  # the driver died: whatever this would generate is regenerated on resume
                 return
             if not w.busy and not orders:
                 t0 = time.perf_counter()
@@ -158,3 +159,78 @@ def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
                     outbox.put(r)
     except Exception:  # noqa: BLE001 -- reported to the driver, which stops the run with it
         outbox.put(("error", traceback.format_exc()))
+
+
+def worker_main(cfg: WorkerConfig, inbox, outbox) -> None:
+    """The local worker process: `serve` until the driver that spawned it is gone."""
+    parent = os.getppid()
+    # Replies nobody reads (a killed driver) must not keep this process alive at exit.
+    outbox.cancel_join_thread()
+    serve(cfg, inbox, outbox, alive=lambda: os.getppid() == parent)
+
+
+class LocalWorker:
+    """The local backend: one rollout worker in a child process (spawned: a fresh interpreter, no forked torch
+    state), behind the worker-pool interface of glm5.rl.loop.WorkerPool."""
+
+    def __init__(self, cfg: WorkerConfig, ready_timeout: float = 600):
+        ctx = mp.get_context("spawn")
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=worker_main, args=(cfg, self.inbox, self.outbox), daemon=True,
+                                name="glm5-rollout")
+        self.proc.start()
+        kind, info = self._get(timeout=ready_timeout)
+        if kind != "ready":
+            raise RuntimeError(f"rollout worker did not start: {info}")
+        self.info = {"index": 0, "node": "local", **info}
+        self.restarts = 0  # a local worker is not restarted: its death stops the run (resume from a checkpoint)
+        self.stopped: dict | None = None
+
+    def push(self, version: int, state_dict: dict) -> None:
+        # a copy: the queue moves tensors into shared memory, and the trainer's own must not be shared (the next
+        # optimizer step would change what the engine reads before it has copied it)
+        sd = {k: v.detach().clone() for k, v in state_dict.items()}
+        self.inbox.put(("weights", version, sd, time.time()))
+
+    def submit(self, orders: list) -> None:
+        self.inbox.put(("generate", orders))
+
+    def get(self, timeout: float):
+        msg = self._get(timeout)
+        return (*msg, 0) if msg[0] == "group" else msg  # the group's worker: index 0
+
+    def _get(self, timeout: float):
+        while True:
+            try:
+                msg = self.outbox.get(timeout=min(timeout, 5.0))
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise RuntimeError(f"rollout worker died (exit code {self.proc.exitcode})") from None
+                timeout -= 5.0
+                if timeout <= 0:
+                    raise TimeoutError("rollout worker sent nothing") from None
+                continue
+            if msg[0] == "error":
+                raise RuntimeError(f"rollout worker failed:\n{msg[1]}")
+            return msg
+
+    def stop(self) -> dict:
+        """Stop the worker (idempotent); its busy and idle seconds, and where it ran."""
+        if self.stopped is not None:
+            return self.stopped
+        info = {}
+        if self.proc.is_alive():
+            self.inbox.put(("stop",))
+            try:
+                while True:
+                    msg = self.outbox.get(timeout=30)
+                    if msg[0] == "stopped":
+                        info = msg[1]
+                        break
+            except queue.Empty:
+                pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.stopped = {**info, "workers": [{**self.info, **info, "restarts": 0}]}
+        return self.stopped
