@@ -32,7 +32,8 @@ _CURRENCIES = ("USD", "EUR", "JPY", "GBP", "CHF", "CAD", "INR", "BRL")
 _PHRASES = {  # phrase: its translations (real ones, so no tool result teaches a wrong fact)
     "thank you": {"French": "merci", "Spanish": "gracias", "German": "danke", "Italian": "grazie"},
     "good morning": {"French": "bonjour", "Spanish": "buenos dias", "German": "guten Morgen", "Italian": "buongiorno"},
-    "good night": {"French": "bonne nuit", "Spanish": "buenas noches", "German": "gute Nacht", "Italian": "buona notte"},
+    "good night": {"French": "bonne nuit", "Spanish": "buenas noches", "German": "gute Nacht",
+                   "Italian": "buona notte"},
     "goodbye": {"French": "au revoir", "Spanish": "adios", "German": "auf Wiedersehen", "Italian": "arrivederci"},
     "please": {"French": "s'il vous plait", "Spanish": "por favor", "German": "bitte", "Italian": "per favore"},
     "cheese": {"French": "fromage", "Spanish": "queso", "German": "Kaese", "Italian": "formaggio"},
@@ -74,7 +75,7 @@ class Capability:
     slots: Callable[[random.Random], dict]  # slot values of one request (strings, or ints for integer slots)
     result: Callable[[dict, random.Random], str]  # the tool's output for these slot values
     final: str  # the answer after the result, with {slots} and {result}
-    types: dict = None  # JSON schema types of non-string slots
+    types: dict | None = None  # JSON schema types of non-string slots
 
     def slot_types(self) -> dict[str, str]:
         return dict(self.types or {})

@@ -32,8 +32,8 @@ from .world import ATTRIBUTES, STATEMENTS, unknown_family, unknown_name, world, 
 from .wording import arithmetic_typed
 
 # Where a new question comes from: generator, weight.
-SOURCES = {"arithmetic": (arithmetic, 0.25), "arithmetic_typed": (arithmetic_typed, 0.15), "world": (world_family, 0.25),
-           "unknown": (unknown_family, 0.1), "chat": (chat, 0.1), "scope": (scope, 0.15)}
+SOURCES = {"arithmetic": (arithmetic, 0.25), "arithmetic_typed": (arithmetic_typed, 0.15),
+           "world": (world_family, 0.25), "unknown": (unknown_family, 0.1), "chat": (chat, 0.1), "scope": (scope, 0.15)}
 REFER_PERCENT = 40  # of later turns that can refer back, how many do
 CONNECT_PERCENT = 40  # of new questions in later turns, how many open with a connecting phrase
 CONNECTORS = {"train": ("Another one: ", "Next question: ", "Thanks. ", "OK, now: ", "Also: ", "Now this: ", "Great. ",
@@ -57,7 +57,8 @@ PRONOUNS = {  # attribute: (train, heldout); {p} is "it" or "that person"
     "founder": (("And who founded it?", "Who is its founder?"), ("Who started it?",)),
     "headquarters": (("And where is it headquartered?", "Where are its headquarters?"),
                      ("In which city does it have its headquarters?",)),
-    "birthplace": (("And where was that person born?", "Where was that person born?"), ("What is that person's hometown?",)),
+    "birthplace": (("And where was that person born?", "Where was that person born?"),
+                   ("What is that person's hometown?",)),
     "born": (("And when was that person born?", "What year was that person born?"),
              ("What is that person's birth year?",)),
     "profession": (("And what does that person do?", "What is that person's job?"),

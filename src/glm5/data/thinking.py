@@ -15,7 +15,14 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from .arithmetic import arithmetic
+from .common import Pool, check_split, rng_for
 from .example import Example
+from .multiturn import multiturn
+from .scope import scope
+from .smalltalk import chat
+from .wording import arithmetic_typed
+from .world import unknown_family, world_family
 
 _COLUMN = re.compile(r"write \d (?:carry|borrow) \d\.")
 
@@ -42,16 +49,8 @@ def thinking_off(ex: Example) -> Example:
 
 
 def nothink(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list[Example]:
-    """Thinking-off chats of the families a user asks without tools (NOTHINK_SOURCES, by weight), each its family's
-    own split (so disjoint as that family is)."""
-    from .arithmetic import arithmetic
-    from .common import Pool, check_split, rng_for
-    from .multiturn import multiturn
-    from .scope import scope
-    from .smalltalk import chat
-    from .world import unknown_family, world_family
-    from .wording import arithmetic_typed
-
+    """Thinking-off chats of the families a user asks without tools (drawn by the weights below), each from its
+    family's own split (so disjoint as that family is)."""
     sources = {"arithmetic": (arithmetic, 0.3), "arithmetic_typed": (arithmetic_typed, 0.15),
                "world": (world_family, 0.2), "unknown": (unknown_family, 0.1), "chat": (chat, 0.1),
                "scope": (scope, 0.1), "multiturn": (multiturn, 0.05)}

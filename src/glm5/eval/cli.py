@@ -74,7 +74,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="examples per suite (retrieval: spread over the grid)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--suites", type=_suites, default=list(FAMILIES),
-                   help=f"comma-separated; default {','.join(FAMILIES)}; more: {','.join(MORE_SUITES)} "
+                   help=f"comma-separated; default {', '.join(FAMILIES)}; more: {', '.join(MORE_SUITES)} "
                         "(typed wordings, several turns, thinking off, out-of-scope requests, user-declared tools)")
     p.add_argument("--retrieval-lengths", type=_lengths, default=[1024, 2048, 4096],
                    help="context tokens (the retrieval n split over them), or LENGTH:EXAMPLES pairs; the speedrun's "

@@ -88,7 +88,8 @@ def suite_notes(s: dict) -> list[str]:
     """The notes of one suite's summary beyond its counts: by turn, refusals, tool choice, by family."""
     notes = []
     if "by_turn" in s:
-        notes.append("by turn " + ", ".join(f"{t}: {_pct(v['accuracy'])} (n={v['n']})" for t, v in s["by_turn"].items()))
+        notes.append("by turn " + ", ".join(f"{t}: {_pct(v['accuracy'])} (n={v['n']})"
+                                            for t, v in s["by_turn"].items()))
     if "declined_rate" in s:
         notes.append(f"declined honestly {_pct(s['declined_rate'])}, invented numbers {s['invented_numbers']} of "
                      f"{s['refusals']}")

@@ -20,8 +20,9 @@ Per family:
   tool_choice       user-declared tools (glm5.data.tool_choice), scored on the first assistant turn: where a
                     declared tool fits, calling it with the gold arguments -> correct, anything else -> wrong; where
                     none fits, any call -> wrong, else the content by the rule of the question's family
-                    (meta["inner"]; its right answer, an unknown entity's abstention included, is correct). Calls of undeclared tools are counted (`undeclared_calls`), and whether the
-                    model called exactly when it should (`choice_accuracy`)
+                    (meta["inner"]; its right answer, an unknown entity's abstention included, is correct).
+                    Calls of undeclared tools are counted (`undeclared_calls`), and whether the model called
+                    exactly when it should (`choice_accuracy`)
 
 Suites whose records carry meta["turn"] (multiturn) also report accuracy by turn, suites that mix families by family.
 
