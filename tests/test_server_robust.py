@@ -269,3 +269,9 @@ def test_openapi_describes_the_request_and_response_bodies(live):
     assert set(resp["required"]) <= set(answer) <= set(resp["properties"])
     choice = schemas["ChatChoice"]
     assert set(choice["required"]) <= set(answer["choices"][0]) <= set(choice["properties"])
+
+
+@pytest.mark.parametrize("prompt", [[[-5]], [10**9], [[1, 2], [3, -1]]])
+def test_echo_of_a_token_id_outside_the_vocabulary_is_a_400(live, prompt):
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": prompt, "echo": True, "max_tokens": 1}, timeout=30)
+    assert _error(r, 400)["param"] == "prompt"

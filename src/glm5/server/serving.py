@@ -273,7 +273,12 @@ def _prompts(state: ServerState, p) -> list[list[int]]:
         p = [p]
     # Raw completions take the prompt as the caller wrote it, special-token spellings included (the caller owns
     # the whole prompt, so there is no turn to forge).
-    return [state.tok.encode(x, allow_special=True) if isinstance(x, str) else list(x) for x in p]
+    out = [state.tok.encode(x, allow_special=True) if isinstance(x, str) else list(x) for x in p]
+    V = len(state.tok)
+    bad = next((t for x in out for t in x if not 0 <= t < V), None)
+    if bad is not None:  # checked before anything decodes them (echo)
+        raise APIError(400, f"prompt token id {bad} is outside the vocabulary [0, {V})", param="prompt")
+    return out
 
 
 def _completion_logprobs(state: ServerState, toks: list[TokenInfo], offset: int) -> CompletionLogprobs:
