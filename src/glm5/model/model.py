@@ -135,10 +135,13 @@ class GLM5(nn.Module):
         x_BTD = self.mtp_hidden(h_BTD, next_ids_BT, positions_BT, depth, cache, doc_ids_BT, aux)
         return self.mtp_head(depth)(x_BTD), x_BTD
 
-    def mtp_hidden(self, h_BTD, next_ids_BT, positions_BT, depth: int = 0, cache=None, doc_ids_BT=None, aux=None):
-        """mtp_step without the head: the MTP layer's hidden state (training applies the head where labels are)."""
+    def mtp_hidden(self, h_BTD, next_ids_BT, positions_BT, depth: int = 0, cache=None, doc_ids_BT=None, aux=None,
+                   embeds_BTD=None):
+        """mtp_step without the head: the MTP layer's hidden state (training applies the head where labels are).
+        embeds_BTD: the next tokens' embeddings if the caller has them (RL passes them detached, so that the MTP loss
+        trains the MTP layer alone)."""
         layer = self.mtp[depth]
-        e_BTD = layer.enorm(self.model.embed_tokens(next_ids_BT))
+        e_BTD = layer.enorm(self.model.embed_tokens(next_ids_BT) if embeds_BTD is None else embeds_BTD)
         x_BTD = layer.eh_proj(torch.cat([e_BTD, layer.hnorm(h_BTD)], dim=-1))
         ctx = self._context(positions_BT, cache, doc_ids_BT, aux, x_BTD.shape[1], x_BTD.device)
         return layer(x_BTD, ctx, None, self.impl.moe)[0]

@@ -4,6 +4,12 @@ What trains: every parameter except the DSA indexers (frozen during RL, as GLM-5
 model's attention in the DSA stages, and the policy gradient says nothing about which keys to keep). The MoE router's
 load-balancing bias is not updated (the bias update is a pre-training device; RL leaves routing to the gradient).
 
+The MTP layer (optional, mtp_weight > 0): the policy gradient never reaches it (it is not on the path from the ids to
+the main head), so after RL its drafts would describe the old policy and speculative decoding would accept fewer of
+them. With mtp_weight > 0 it trains on the sampled sequences to predict each sampled token two ahead (cross-entropy,
+as in pre-training), with the main model's hidden states, the token embeddings and the shared head detached: it
+follows the policy, and the policy's own gradient stays the RL loss's alone.
+
 A sample's ids are fed whole (prompt, sampled turns, tool answers); the loss reads only positions whose next token
 the policy sampled (mask 1), so prompt and tool-result ids shape the context but never reach the head.
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..train.losses import linear_ce_loss
 from .loss import EPS_HIGH, EPS_LOW, grpo_advantages, ppo_head_loss, token_logprobs
 
 
@@ -30,6 +37,7 @@ class RLTrainConfig:
     eps_high: float = EPS_HIGH
     std_normalize: bool = False
     micro_batch_tokens: int = 8192  # padded tokens per forward; a step accumulates micro-batches
+    mtp_weight: float = 0.0  # > 0: the MTP layer follows the policy (see the module docstring)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -93,6 +101,23 @@ def sample_logprobs(model, samples: list[dict], micro_batch_tokens: int = 8192) 
     return out
 
 
+def mtp_loss_sum(model, h_BTD: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the MTP layer's prediction of every sampled token two ahead: from the main hidden
+    state at t (h_BTD: positions 0 .. T-2) and token t+1, token t+2 where the policy sampled it (mask_BT[:, t+1]).
+    Hidden states, embeddings and the head's weight enter detached: only the MTP layer's own weights get gradients."""
+    T = ids_BT.shape[1]
+    keep_Bn = mask_BT[:, 1:]  # [B, T-2]: is token t+2 sampled
+    if T < 3 or not keep_Bn.any():
+        return h_BTD.new_zeros(())
+    n = T - 2
+    pos_Bn = torch.arange(n, device=ids_BT.device).expand(ids_BT.shape[0], n)
+    next_Bn = ids_BT[:, 1:T - 1]
+    e_BnD = model.model.embed_tokens(next_Bn).detach()
+    x_BnD = model.mtp_hidden(h_BTD[:, :n].detach(), next_Bn, pos_Bn, embeds_BTD=e_BnD)
+    x_ND = model.mtp[0].shared_head.norm(x_BnD[keep_Bn])
+    return linear_ce_loss(x_ND, model.lm_head.weight.detach(), ids_BT[:, 2:][keep_Bn])
+
+
 def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConfig) -> dict:
     """One optimizer step on the groups (glm5.rl.buffer.Group, data = {"samples": [{"ids", "mask", "logprobs"}]}).
     Token-level normalisation over the whole step: every loss token weighs the same, however the micro-batches
@@ -105,6 +130,10 @@ def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConf
     den = sum(sum(s["mask"][1:]) for s in samples)
     if den == 0:
         raise ValueError("the batch has no sampled token to train on")
+    mtp = cfg.mtp_weight > 0
+    if mtp and not len(model.mtp):
+        raise ValueError("mtp_weight > 0 but the model has no MTP layer (num_nextn_predict_layers = 0)")
+    den_mtp = sum(sum(s["mask"][2:]) for s in samples)
     model.train()
     W = model.lm_head.weight
     stats = {"loss": 0.0, "tokens": den, "masked": 0, "clipped": 0, "kl_roll": 0.0}
@@ -114,6 +143,10 @@ def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConf
         h_BTD = model.hidden(ids_BT)[:, :-1]
         loss, st = ppo_head_loss(h_BTD[mask_BT], W, ids_BT[:, 1:][mask_BT], adv_BT[mask_BT], roll_BT[mask_BT],
                                  den=den, eps_low=cfg.eps_low, eps_high=cfg.eps_high, correction=cfg.correction)
+        if mtp and den_mtp:
+            l_mtp = mtp_loss_sum(model, h_BTD, ids_BT, mask_BT) / den_mtp
+            stats["mtp_loss"] = stats.get("mtp_loss", 0.0) + float(l_mtp.detach())
+            loss = loss + cfg.mtp_weight * l_mtp
         loss.backward()
         stats["loss"] += float(loss.detach())
         stats["masked"] += int((st["corr"] == 0).sum())

@@ -112,9 +112,15 @@ def head_ce_sum(head: nn.Linear, h_BTD: torch.Tensor, labels_BT: torch.Tensor, n
     h_ND = h_BTD[keep_BT]
     if norm is not None:
         h_ND = norm(h_ND)
-    if torch.is_grad_enabled() and (h_ND.requires_grad or head.weight.requires_grad):
-        return _LinearCE.apply(h_ND, head.weight, labels_BT[keep_BT])
-    return linear_ce(h_ND, head.weight, labels_BT[keep_BT])[0]
+    return linear_ce_loss(h_ND, head.weight, labels_BT[keep_BT])
+
+
+def linear_ce_loss(h_ND: torch.Tensor, W_VD: torch.Tensor, lab_N: torch.Tensor) -> torch.Tensor:
+    """sum_n CE(h[n] @ W.T, lab[n]) as a differentiable scalar (linear_ce under autograd, gradients for whichever
+    of h and W require them)."""
+    if torch.is_grad_enabled() and (h_ND.requires_grad or W_VD.requires_grad):
+        return _LinearCE.apply(h_ND, W_VD, lab_N)
+    return linear_ce(h_ND, W_VD, lab_N)[0]
 
 
 def sequence_balance_sum(idx_Nk: torch.Tensor, logits_NE: torch.Tensor, rows: int) -> torch.Tensor:
