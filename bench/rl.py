@@ -3,7 +3,7 @@ seed, one after the other in this process. Prints wall-clock, samples/s, rollout
 latency, the staleness histogram, and how long each mode took to reach the sync run's final reward (the mean reward
 of the samples generated, over its last 3 steps; each mode's 3-step moving average).
 
-    .venv/bin/python bench/rl.py [--steps 12] [--groups 8] [--group-size 8] [--max-tokens 200]
+    .venv/bin/python bench/rl.py [--steps 12] [--groups 8] [--group-size 8] [--max-tokens 200] [--families ...]
 """
 
 import argparse
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--modes", default="sync,one-step-off,async")
+    ap.add_argument("--families", default=None, help="comma-separated (default: glm5 rl's)")
     args = ap.parse_args()
 
     from glm5.loader import SHIPPED_MODEL_DIR
@@ -47,7 +48,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             cfg = RLConfig(model=str(SHIPPED_MODEL_DIR), out_dir=f"{tmp}/{mode}", mode=mode, max_staleness=2,
                            steps=args.steps, groups_per_step=args.groups, group_size=args.group_size,
-                           max_tokens=args.max_tokens, checkpoint_every=10**6, progress=False)
+                           max_tokens=args.max_tokens, checkpoint_every=10**6, progress=False,
+                           **({"families": tuple(args.families.split(","))} if args.families else {}))
             summary = RLRun(cfg).run()
             recs = [json.loads(ln) for ln in Path(f"{tmp}/{mode}/metrics.jsonl").read_text().splitlines()]
             rew = [r["rollout_reward_mean"] if r["rollout_reward_mean"] is not None else float("nan") for r in recs]
@@ -64,7 +66,7 @@ def main() -> None:
                          "final_reward": curves[mode][0][-1]})
     target = curves["sync"][0][-1] if "sync" in curves else None
     print(f"bench/rl.py on {cpu_name()}: {args.steps} steps x {args.groups} groups x {args.group_size} samples, "
-          f"max {args.max_tokens} tokens a turn, shipped model, fp32")
+          f"max {args.max_tokens} tokens a turn, families {args.families or 'default'}, shipped model, fp32")
     print("| mode | wall s (vs sync) | reach sync's final reward at s (ratio) | samples/s | sampled tokens/s | trainer idle | "
           "rollout idle | push ms (copy) | push ms (apply) | staleness histogram | groups kept / generated |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")

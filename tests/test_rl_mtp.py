@@ -84,3 +84,22 @@ def test_mtp_weight_without_an_mtp_layer_is_an_error():
     cfg = RLTrainConfig(mtp_weight=0.3)
     with pytest.raises(ValueError, match="no MTP layer"):
         train_step(m, make_optimizer(m, cfg), groups(m.config.vocab_size), cfg)
+
+
+def test_rl_config_refuses_mtp_weight_without_an_mtp_layer_and_takes_variants(tmp_path):
+    from glm5.rl.loop import RLConfig, RLError, check_config
+    from glm5.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    glm5.save_checkpoint(glm5.load_model(tiny().replace(num_nextn_predict_layers=0, vocab_size=tok.vocab_size)),
+                         tmp_path / "m")
+    tok.save(tmp_path / "m")
+
+    def cfg(**kw):
+        return RLConfig(model=str(tmp_path / "m"), out_dir=str(tmp_path / "out"), **kw)
+
+    with pytest.raises(RLError, match="has no MTP layer"):
+        check_config(cfg(train=RLTrainConfig(mtp_weight=0.3)))
+    check_config(cfg(families=("arithmetic_long", "world")))  # a data variant is a family here too
+    with pytest.raises(RLError, match="unknown 'arith'.*arithmetic_long"):
+        check_config(cfg(families=("arith",)))

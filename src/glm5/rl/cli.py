@@ -38,6 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--correction", choices=("icepop", "tis", "none"), default=t.correction,
                    help="off-policy correction of each token")
     p.add_argument("--std-normalize", action="store_true", help="GRPO advantages divided by the group's std")
+    p.add_argument("--mtp-weight", type=float, default=t.mtp_weight,
+                   help="> 0: the MTP layer learns to draft the policy's samples (keeps speculative decoding's "
+                        "acceptance after RL); the policy's update is unchanged")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--rollout-threads", type=int, default=None, help="threads of each rollout engine (default: the "
                    "cores left to rollout, shared among --rollout-workers)")
@@ -74,7 +77,8 @@ def cmd_rl(args) -> int:
                    rollout_threads=args.rollout_threads, train_threads=args.train_threads,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,
                    backend=args.backend, ray_address=args.ray_address, rollout_workers=args.rollout_workers,
-                   train=RLTrainConfig(lr=args.lr, correction=args.correction, std_normalize=args.std_normalize))
+                   train=RLTrainConfig(lr=args.lr, correction=args.correction, std_normalize=args.std_normalize,
+                                       mtp_weight=args.mtp_weight))
     try:
         run = RLRun(cfg)
     except RLError as e:

@@ -100,6 +100,7 @@ class TrainerFailed(RLError):
 
 
 def check_config(cfg: RLConfig) -> None:
+    from ..data import VARIANTS
     from ..data.example import FAMILIES
 
     problems = []
@@ -121,14 +122,14 @@ def check_config(cfg: RLConfig) -> None:
         problems.append(f"--ray-address {cfg.ray_address} needs --backend ray")
     if cfg.group_size < 2:
         problems.append(f"--group-size {cfg.group_size}: GRPO compares samples of one prompt, so at least 2")
-    unknown = [f for f in cfg.families if f not in FAMILIES]
+    unknown = [f for f in cfg.families if f not in FAMILIES and f not in VARIANTS]
     if unknown or not cfg.families:
         problems.append(f"--families: unknown {', '.join(map(repr, unknown)) or '(none given)'}; known: "
-                        f"{', '.join(FAMILIES)}")
+                        f"{', '.join(FAMILIES + tuple(VARIANTS))}")
     elif cfg.reward == RLConfig.reward:
         from .rewards import HONESTY
 
-        no_reward = [f for f in cfg.families if f not in HONESTY]
+        no_reward = [f for f in cfg.families if VARIANTS.get(f, (f,))[0] not in HONESTY]
         if no_reward:
             problems.append(f"--families {', '.join(no_reward)}: the honesty reward does not score them (it scores "
                             f"{', '.join(HONESTY)}); pass --reward module:function")
@@ -148,6 +149,10 @@ def check_config(cfg: RLConfig) -> None:
     if (Path(cfg.model) / "config.json").is_file() and read_quant_config(*read_hf_config(cfg.model)) is not None:
         raise RLError(f"glm5 rl: {cfg.model} is an FP8 checkpoint; RL trains BF16/FP32 weights. Convert it first: "
                       f"glm5 quantize {cfg.model} OUT --to bf16")
+    if (Path(cfg.model) / "config.json").is_file() and cfg.train.mtp_weight > 0 \
+            and not read_hf_config(cfg.model)[0].get("num_nextn_predict_layers", 0):
+        raise RLError(f"glm5 rl: --mtp-weight {cfg.train.mtp_weight}: {cfg.model} has no MTP layer "
+                      f"(num_nextn_predict_layers = 0); leave --mtp-weight at 0")
     if cfg.backend == "ray":  # before the model loads: Ray missing or a cluster out of reach is one clear line
         from .ray_backend import check_ray
 
