@@ -190,10 +190,11 @@ class RayPool:
 
     # -- the WorkerPool interface ---------------------------------------------------------------------------------
     def push(self, version: int, state_dict: dict) -> None:
+        t = time.time()
         ref = self.ray.put(pack(state_dict))  # a copy in the object store: the trainer may change its own now
         self.weights = (version, ref)
         for s in self.slots:
-            self._send(s, ("weights", version, None, time.time()), ref)
+            self._send(s, ("weights", version, None, t), ref)
 
     def submit(self, orders: list) -> None:
         by_slot = defaultdict(list)

@@ -3,7 +3,7 @@
 It takes orders from one inbox, in order, and answers in one outbox:
     ("weights", version, state_dict, t) swap weights between two engine steps (in flight: running samples go on,
                                         their next tokens carry the new version); answered ("pushed", version,
-                                        seconds to apply, seconds since the driver sent them)
+                                        seconds to apply, seconds since the driver began the push at time t)
     ("generate", [(group, example, group_size, seed), ...])    start these groups
     ("stop",)                           abort what runs and stop (it jumps the queue)
     -> ("ready", info) once, ("group", group, [sample dicts]) per finished group, ("error", text) if it dies.
@@ -187,10 +187,11 @@ class LocalWorker:
         self.stopped: dict | None = None
 
     def push(self, version: int, state_dict: dict) -> None:
+        t = time.time()
         # a copy: the queue moves tensors into shared memory, and the trainer's own must not be shared (the next
         # optimizer step would change what the engine reads before it has copied it)
         sd = {k: v.detach().clone() for k, v in state_dict.items()}
-        self.inbox.put(("weights", version, sd, time.time()))
+        self.inbox.put(("weights", version, sd, t))
 
     def submit(self, orders: list) -> None:
         self.inbox.put(("generate", orders))
