@@ -175,6 +175,10 @@ class RayPool:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 where = f"--ray-address {address}: cannot join the Ray cluster" if address else "cannot start Ray"
                 raise RLError(f"glm5 rl: {where} ({first})") from None
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < n * cfg.threads:  # an autoscaler may add nodes; a fixed cluster never will
+            log.warning("rl: the Ray cluster has %g CPUs and %d rollout workers reserve %d each: some wait for more "
+                        "nodes (or give fewer --rollout-threads)", cpus, n, cfg.threads)
         self.cls = ray.remote(RolloutActor)
         self.weights: tuple[int, object] | None = None  # the newest push: (version, ObjectRef)
         self.replies: deque = deque()
