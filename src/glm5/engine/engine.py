@@ -30,7 +30,14 @@ Design notes:
     LogitsProcessor likewise drops padded vocabulary columns before sampling).
   - update_weights: in-flight sequences keep the KV they computed under the old weights (each token reports the
     version that sampled it) unless recompute_running=True preempts them all so they recompute; the prefix cache
-    is emptied either way, so no new request reuses stale KV.
+    is emptied either way, so no new request reuses stale KV. The MTP layer is part of the model: its tensors
+    (`mtp.0.*`) update like any other, and drafts from then on come from the new ones.
+  - speculative_tokens=k (speculative.py): each decoding sequence verifies up to k MTP drafts per step and emits
+    1 .. k+1 tokens, each exactly as plain decoding would sample it (greedy: the same tokens). Stops, max_tokens
+    and logprobs apply token by token within the emitted run; tokens after a stop are dropped. A row with a grammar
+    does not speculate (its mask would have to be computed for every draft position first): it decodes one token
+    a step beside the speculating rows. Drafts never reach past max_tokens, and the scheduler drops drafts rather
+    than preempt anyone for them. k = 0 is plain decoding, the MTP layer never runs.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ from .kv_cache import BlockManager, PagedKVCache, bytes_per_block, default_num_b
 from .runner import ModelRunner
 from .sampler import SamplingParams, SeqSampling, make_generator, sample
 from .scheduler import FINISHED, RUNNING, Scheduler, Sequence
+from . import speculative
+
+MAX_SPECULATIVE_TOKENS = 15  # 1 + k query tokens per verify row stay on the decode attention path (<= 16, mla.py)
 
 
 class RequestError(ValueError):
@@ -108,17 +118,33 @@ class _SeqState(SeqSampling):
     max_tokens: int = 0
     text_len: int = 0  # characters of detokenized output already searched for stop strings
     matcher: Matcher | None = None  # this sample's position in its grammar
+    # speculative decoding: the distribution each pending draft was drawn from (None: greedy), and the hidden state
+    # the next chained draft takes (speculative.CHAIN_HIDDEN)
+    draft_q: list = field(default_factory=list)
+    draft_h: torch.Tensor | None = None
+    draft_conf: float = 0.0  # the last draft's confidence (speculative.CONFIDENCE)
 
 
 class Engine:
     def __init__(self, model, *, cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, eos_token_ids: list[int] | None = None,
-                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0, vocab_limit: int | None = None):
+                 detokenize: Callable[[list[int]], str] | None = None, seed: int = 0, vocab_limit: int | None = None,
+                 speculative_tokens: int = 0):
         cfg = model.config
         self.model, self.config = model, cfg
         w = model.lm_head.weight
         self.device, self.dtype = w.device, w.dtype
-        per_block = bytes_per_block(cfg, block_size, self.dtype)
+        k = speculative_tokens
+        if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_SPECULATIVE_TOKENS):
+            raise ValueError(f"speculative_tokens must be an integer in [0, {MAX_SPECULATIVE_TOKENS}] (draft tokens "
+                             f"verified per step; 1 + k query tokens keep the decode attention path), got {k!r}")
+        if k and not len(model.mtp):
+            raise ValueError(f"speculative_tokens={k} drafts with the model's MTP layer, and this model has none "
+                             f"(num_nextn_predict_layers = 0; a checkpoint saved by transformers drops "
+                             f"model.layers.{cfg.num_hidden_layers}.*): use speculative_tokens=0")
+        self.speculative_tokens = k
+        mtp = k > 0
+        per_block = bytes_per_block(cfg, block_size, self.dtype, mtp)
         if num_blocks is not None:
             self.cache_sizing = f"{num_blocks} blocks given"
         elif cache_bytes is not None:
@@ -128,11 +154,13 @@ class Engine:
                                  f"takes {per_block} bytes")
             self.cache_sizing = f"{cache_bytes / (1 << 20):g} MiB given"
         else:
-            num_blocks, self.cache_sizing = default_num_blocks(cfg, self.dtype, block_size, max_num_seqs, self.device)
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, self.dtype, self.device)
+            num_blocks, self.cache_sizing = default_num_blocks(cfg, self.dtype, block_size, max_num_seqs, self.device,
+                                                               mtp)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, self.dtype, self.device, mtp)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, short=1 + k, keep_hidden=mtp)
+
         self.max_model_len = min(cfg.max_position_embeddings, num_blocks * block_size)
         self.eos_token_ids = list(cfg.eos_token_id if eos_token_ids is None else eos_token_ids)
         # Token ids a request may carry or be sampled: the tokenizer's, when the checkpoint pads its vocabulary.
@@ -143,6 +171,7 @@ class Engine:
         if bad_eos:
             raise ValueError(f"eos_token_ids {bad_eos} are not token ids in [0, {self.vocab_limit}) (vocab_limit "
                              f"{vocab_limit}, config vocab_size {cfg.vocab_size})")
+        self.drafter = speculative.Drafter(model, self.runner, k, self.vocab_limit) if mtp else None
         self.detokenize = detokenize
         self.policy_version = 0
         self._seeds = random.Random(seed)
@@ -256,54 +285,67 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return outputs
-        seqs, logits_BV = self.runner.execute(plan)
+        if self.drafter is not None:
+            plan = self.drafter.chain(plan)
+        computed = {seq: seq.num_computed for seq, _ in plan}  # before this step
+        seqs, logits_NV = self.runner.execute(plan)
         for seq, n in plan:
-            self.scheduler.advance(seq, n)
+            if not seq.draft:  # a verifying row advances by what it accepts, below
+                self.scheduler.advance(seq, n)
             self.counters["computed_tokens"] += n
         self.counters["steps"] += 1
         if not seqs:
+            if self.drafter is not None:
+                self.drafter.after_step(plan, computed, {})
             return outputs
-        if self.vocab_limit < logits_BV.shape[-1]:  # padded lm_head rows are no tokens (see the module notes)
-            logits_BV = logits_BV[:, :self.vocab_limit]
+        if self.vocab_limit < logits_NV.shape[-1]:  # padded lm_head rows are no tokens (see the module notes)
+            logits_NV = logits_NV[:, :self.vocab_limit]
+        start = [0]  # each sequence's first logit row: 1 + len(draft) rows each
+        for seq in seqs:
+            start.append(start[-1] + 1 + len(seq.draft))
         failed: dict[str, str] = {}  # request id -> why this step failed it
         # Non-finite raw logits (a NaN in the weights or an overflow) would sample garbage or an arbitrary argmax:
-        # fail those requests loudly. One [B] reduction and one sync per step.
-        finite_B = torch.isfinite(logits_BV).all(-1).tolist()
-        for seq, ok in zip(seqs, finite_B):
-            if not ok:
+        # fail those requests loudly. One [N] reduction and one sync per step.
+        finite_N = torch.isfinite(logits_NV).all(-1).tolist()
+        for i, seq in enumerate(seqs):
+            if not all(finite_N[start[i]:start[i + 1]]):
                 failed[seq.request_id] = "the model produced non-finite logits (NaN or inf)"
         rows, row_seqs = [], []
         for i, seq in enumerate(seqs):
-            rows.append(i)
+            rows.append(start[i])
             row_seqs.append(seq)
             req = self.requests[seq.request_id]
             if req.params.n > 1 and not req.forked:  # the prompt is done: the other samples start here
                 req.forked = True
                 for j in range(1, req.params.n):
                     req.seqs[j] = self._new_seq(req, j, seq.state.max_tokens)
-                    rows.append(i)
+                    rows.append(start[i])
                     row_seqs.append(req.seqs[j])
-        allowed_BW = self._allowed(row_seqs, failed, logits_BV.shape[-1])
-        got = self._sample(logits_BV, rows, row_seqs, failed, allowed_BW)
-        forked = []
+        allowed_BW = self._allowed(row_seqs, failed, logits_NV.shape[-1])
+        if any(seq.draft for seq in seqs):
+            got = self._sample_and_verify(logits_NV, rows, row_seqs, failed, allowed_BW)
+        else:
+            got = self._sample(logits_NV, rows, row_seqs, failed, allowed_BW)
+        forked, kept = [], {}
         for r, seq in enumerate(row_seqs):
             if seq.request_id in failed:
                 continue
-            tok = got[r][0]
-            seq.tokens.append(tok)
-            self.counters["generation_tokens"] += 1
-            m = seq.state.matcher
-            if m is not None and not m.advance(tok):
-                failed[seq.request_id] = f"the grammar rejected sampled token {tok}: {m.error}"
+            emitted = got[r] if isinstance(got[r], speculative.Verdict) else _one(got[r])
+            n_out = self._emit(seq, emitted, failed)
+            if n_out is None:
                 continue
-            try:
-                reason, stop_reason = self._check_stop(seq, tok)
-            except Exception as e:  # e.g. a detokenizer that cannot decode: this request's problem only
-                failed[seq.request_id] = f"stop check failed: {type(e).__name__}: {e}"
-                continue
-            _, lp, slp, top = got[r]
-            out = StepOutput(seq.request_id, seq.index, [tok], [lp], [slp], [top] if top is not None else None,
-                             [self.policy_version], reason is not None, reason, stop_reason,
+            reason, stop_reason = n_out[1], n_out[2]
+            n_out = n_out[0]
+            if seq.draft:  # roll back: the computed count stops after the last accepted draft
+                kept[seq] = min(emitted.accepted + 1, n_out)
+                self.scheduler.advance(seq, kept[seq])
+                if seq.hidden is not None:
+                    seq.hidden[-1] = seq.hidden[-1][:kept[seq]]
+                speculative.clear(seq)
+            out = StepOutput(seq.request_id, seq.index, emitted.tokens[:n_out], emitted.logprobs[:n_out],
+                             emitted.sampling_logprobs[:n_out],
+                             emitted.top_logprobs[:n_out] if emitted.top_logprobs[0] is not None else None,
+                             [self.policy_version] * n_out, reason is not None, reason, stop_reason,
                              seq.prompt_len, len(seq.output_ids))
             outputs.append(out)
             if reason is not None:
@@ -317,7 +359,28 @@ class Engine:
                 self.scheduler.add(seq, front=True)
         for rid, why in failed.items():
             outputs += self._fail(rid, why)
+        if self.drafter is not None:
+            self.drafter.after_step(plan, computed, kept)
         return outputs
+
+    def _emit(self, seq: Sequence, emitted: speculative.Verdict, failed: dict[str, str]):
+        """Append a row's tokens one by one, each checked as a plain decode checks its token; the first stop ends
+        the run. Returns (tokens kept, finish reason, stop reason), or None when the request failed."""
+        for i, tok in enumerate(emitted.tokens):
+            seq.tokens.append(tok)
+            self.counters["generation_tokens"] += 1
+            m = seq.state.matcher
+            if m is not None and not m.advance(tok):
+                failed[seq.request_id] = f"the grammar rejected sampled token {tok}: {m.error}"
+                return None
+            try:
+                reason, stop_reason = self._check_stop(seq, tok)
+            except Exception as e:  # e.g. a detokenizer that cannot decode: this request's problem only
+                failed[seq.request_id] = f"stop check failed: {type(e).__name__}: {e}"
+                return None
+            if reason is not None:
+                return i + 1, reason, stop_reason
+        return len(emitted.tokens), None, None
 
     def _allowed(self, row_seqs: list[Sequence], failed: dict[str, str], V: int) -> torch.Tensor | None:
         """[rows, W] allowed-token bitmasks, or None when no live row is constrained (nothing is computed)."""
@@ -360,6 +423,44 @@ class Engine:
                 except Exception as e:
                     failed[row_seqs[r].request_id] = f"sampling failed: {type(e).__name__}: {e}"
         return res
+
+    # -- speculative decoding ----------------------------------------------------------------------------------------
+    def _sample_and_verify(self, logits_NV: torch.Tensor, rows: list[int], row_seqs: list[Sequence],
+                           failed: dict[str, str], allowed_BW: torch.Tensor | None) -> list:
+        """Rows without drafts sample as usual (_sample: a tuple each); rows with drafts verify them (a Verdict
+        each). A row whose verification raises fails only its request."""
+        got: list = [None] * len(row_seqs)
+        plain = [r for r, s in enumerate(row_seqs) if not s.draft]
+        if plain:
+            mask = None if allowed_BW is None else allowed_BW[torch.tensor(plain, device=allowed_BW.device)]
+            for r, g in zip(plain, self._sample(logits_NV, [rows[r] for r in plain], [row_seqs[r] for r in plain],
+                                                failed, mask)):
+                got[r] = g
+        spec = [r for r, s in enumerate(row_seqs) if s.draft and s.request_id not in failed]
+
+        def run(rs: list[int]):
+            seqs = [row_seqs[r] for r in rs]
+            idx = torch.tensor([n for r, s in zip(rs, seqs) for n in range(rows[r], rows[r] + 1 + len(s.draft))],
+                               device=logits_NV.device)
+            res = speculative.verify(logits_NV[idx], [s.draft for s in seqs], [s.state.draft_q for s in seqs],
+                                     [s.state for s in seqs], [s.output_ids for s in seqs])
+            for r, v in zip(rs, res):
+                got[r] = v
+
+        if spec:
+            try:
+                run(spec)
+            except Exception:
+                for r in spec:
+                    try:
+                        run([r])
+                    except Exception as e:
+                        failed[row_seqs[r].request_id] = f"verifying drafts failed: {type(e).__name__}: {e}"
+        for r in spec:
+            if got[r] is not None and row_seqs[r].request_id not in failed:
+                self.drafter.count(row_seqs[r], got[r])
+        return got
+
 
     def _check_stop(self, seq: Sequence, tok: int) -> tuple[str | None, int | str | None]:
         st: _SeqState = seq.state
@@ -450,7 +551,13 @@ class Engine:
                 "blocks_free": b.num_free, "blocks_cached": b.num_cached, "block_size": b.block_size,
                 "cache_bytes": self.cache.nbytes, "max_model_len": self.max_model_len,
                 "prefix_cache_hit_tokens": b.hit_tokens, "num_preemptions": self.scheduler.num_preemptions,
-                "policy_version": self.policy_version, **self.counters}
+                "policy_version": self.policy_version, **self.counters,
+                **(self.drafter.stats() if self.drafter is not None else speculative.Drafter.empty_stats())}
+
+
+def _one(got: tuple) -> speculative.Verdict:
+    tok, lp, slp, top = got
+    return speculative.Verdict([tok], [lp], [slp], [top], 0)
 
 
 def run_to_completion(engine, prompts: list, params: SamplingParams | list[SamplingParams] | None = None, *,

@@ -2,8 +2,9 @@
 that implements the model's cache protocol (next_position / key_positions / update, see glm5/model/cache.py).
 
 Per token and main layer a slot holds the MLA latent row [C | R] (kv_lora_rank + qk_rope_head_dim) and, for layers
-with their own indexer, the indexer key [Di] -- never expanded K/V. MTP layers get no storage: the engine does not
-run them (no speculative decoding yet).
+with their own indexer, the indexer key [Di] -- never expanded K/V. With `mtp=True` (the engine speculates with the
+MTP layer, speculative.py) the first MTP layer gets a latent row and an index key per slot too: slot t holds the
+MTP layer's row for (main hidden at t, token t+1), so its blocks and block tables are the main layers' own.
 
 Prefix reuse (as vLLM's automatic prefix caching): a block is registered once all its P slots are computed, under
 the key (key of the previous block, its P token ids). The key holds the token ids themselves, not a hash of them,
@@ -131,15 +132,16 @@ class BlockManager:
             self.key[b], self.key_id[b] = None, ROOT
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token takes: its latent row in every main layer and its index key in every "full" layer."""
-    n_index = sum(t == "full" for t in cfg.indexer_types)
-    width = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + n_index * cfg.index_head_dim
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
+    """Cache bytes one token takes: its latent row in every main layer and its index key in every "full" layer
+    (with mtp, also both for the MTP layer, which always has its own indexer)."""
+    n_index = sum(t == "full" for t in cfg.indexer_types) + int(mtp)
+    width = (cfg.num_hidden_layers + int(mtp)) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + n_index * cfg.index_head_dim
     return width * torch.empty((), dtype=dtype).element_size()
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return bytes_per_token(cfg, dtype) * block_size
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, mtp: bool = False) -> int:
+    return bytes_per_token(cfg, dtype, mtp) * block_size
 
 
 # The share of the free memory a default-sized cache may take: an accelerator's memory is the server's alone (vLLM's
@@ -167,10 +169,10 @@ def free_memory(device: torch.device) -> int | None:
 
 
 def default_num_blocks(cfg: ModelConfig, dtype: torch.dtype, block_size: int, max_num_seqs: int,
-                       device: torch.device) -> tuple[int, str]:
+                       device: torch.device, mtp: bool = False) -> tuple[int, str]:
     """Enough blocks for max_num_seqs sequences of the model's whole context (max_position_embeddings), so the
     scheduler never preempts, capped by a share of the free memory. Returns (blocks, why, in words)."""
-    per_token = bytes_per_token(cfg, dtype)
+    per_token = bytes_per_token(cfg, dtype, mtp)
     per_seq = -(-cfg.max_position_embeddings // block_size)
     want = max_num_seqs * per_seq
     why = f"{max_num_seqs} sequences x {cfg.max_position_embeddings} tokens x {per_token} B/token"
@@ -195,13 +197,17 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
 
 
 class PagedKVCache:
-    """Block storage for the main layers: lat [layers, blocks, P, W], ikey [indexer layers, blocks, P, Di]."""
+    """Block storage for the main layers (and the first MTP layer with mtp=True, as layer num_hidden_layers):
+    lat [layers, blocks, P, W], ikey [indexer layers, blocks, P, Di]."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu"):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype=torch.float32, device="cpu",
+                 mtp: bool = False):
         self.cfg, self.num_blocks, self.block_size, self.dtype, self.device = cfg, num_blocks, block_size, dtype, device
-        self.n_layers = cfg.num_hidden_layers
+        if mtp and not cfg.num_nextn_predict_layers:
+            raise ValueError("mtp=True: this model has no MTP layer (num_nextn_predict_layers = 0)")
+        self.n_layers = cfg.num_hidden_layers + int(mtp)
         W = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        full = [i for i, t in enumerate(cfg.indexer_types) if t == "full"]
+        full = [i for i, t in enumerate(cfg.indexer_types) if t == "full"] + ([cfg.num_hidden_layers] if mtp else [])
         self.ikey_index = {layer: j for j, layer in enumerate(full)}  # "shared" layers keep no index keys
         self.lat = _zeros((self.n_layers, num_blocks, block_size, W), dtype, device)
         self.ikey = _zeros((len(full), num_blocks, block_size, cfg.index_head_dim), dtype, device)
@@ -259,7 +265,8 @@ class BatchView:
     def update(self, layer: int, lat_BTW: torch.Tensor, ikey_BTd: torch.Tensor | None, need_latent: bool = True):
         c = self.cache
         if layer >= c.n_layers:
-            raise ValueError(f"layer {layer}: the paged cache holds only the {c.n_layers} main layers (no MTP)")
+            raise ValueError(f"layer {layer}: the paged cache holds {c.n_layers} layers ({c.cfg.num_hidden_layers} main"
+                             f"{', 1 MTP' if c.n_layers > c.cfg.num_hidden_layers else '; MTP rows only with mtp=True'})")
         lat = self._write_and_gather(c.lat[layer], lat_BTW, gather=need_latent)
         ik = self._write_and_gather(c.ikey[c.ikey_index[layer]], ikey_BTd) if ikey_BTd is not None else None
         return lat, ik

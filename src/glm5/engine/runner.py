@@ -7,6 +7,10 @@ paged cache; the model writes this step's latent rows into the sequences' blocks
 Auto attention (glm5.Impl) then takes absorbed MLA over the top-k gathered latents for calls of <= 16 query tokens
 and the expanded / masked path for longer chunks.
 
+Speculative decoding (speculative.py): a decoding row feeds its last token and its draft tokens (1 + k <= 16 query
+tokens, so the verify call takes the decode path above) and gets logits at every one of them; with keep_hidden the
+final hidden states of every fed token are kept for the MTP layer, which `mtp` runs over the same paged blocks.
+
 Letters: B rows, T query tokens, D model dim, V vocab.
 """
 
@@ -20,9 +24,10 @@ from .scheduler import Sequence
 PAD_SLACK = 1.25  # a multi-token call may compute up to 25% padding tokens
 
 
-def group_rows(plan: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-    singles = [(s, n) for s, n in plan if n == 1]
-    multi = sorted([(s, n) for s, n in plan if n > 1], key=lambda x: -x[1])
+def group_rows(plan: list[tuple[Sequence, int]], short: int = 1) -> list[list[tuple[Sequence, int]]]:
+    """Rows of at most `short` tokens (decodes; with speculation, decodes with their drafts) share one call."""
+    singles = [(s, n) for s, n in plan if n <= short]
+    multi = sorted([(s, n) for s, n in plan if n > short], key=lambda x: -x[1])
     groups, cur, cur_tokens = ([singles] if singles else []), [], 0
     for s, n in multi:
         if cur and (len(cur) + 1) * cur[0][1] > PAD_SLACK * (cur_tokens + n):
@@ -36,17 +41,22 @@ def group_rows(plan: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, in
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, short: int = 1, keep_hidden: bool = False):
         self.model, self.cache = model, cache
         self.device = cache.device
         self.num_calls = 0
+        self.short = short  # group_rows: 1 + the most draft tokens a row verifies
+        self.keep_hidden = keep_hidden
+        self.hidden: dict[Sequence, torch.Tensor] = {}  # with keep_hidden: [n, D] of each row's fed tokens, last call
 
     @torch.inference_mode()
     def execute(self, plan: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the model over this step's tokens. Returns the sequences whose every token is now computed (they
-        sample next) and their next-token logits [B, V] (fp32), in that order."""
+        sample next) and their next-token logits (fp32), in that order: one row per sequence, or 1 + len(draft)
+        rows for a sequence feeding drafts (the logits after its last token and after each draft)."""
         out_seqs, out_logits = [], []
-        for group in group_rows(plan):
+        self.hidden = {}
+        for group in group_rows(plan, self.short):
             seqs, h_BD = self._call(group)
             if seqs:
                 out_seqs += seqs
@@ -60,16 +70,43 @@ class ModelRunner:
         T = view.T
         ids_BT = torch.zeros(len(group), T, dtype=torch.long)
         for b, (s, n) in enumerate(group):
-            ids_BT[b, :n] = torch.tensor(s.tokens[s.num_computed:s.num_computed + n])
+            toks = s.tokens + s.draft if s.draft else s.tokens
+            ids_BT[b, :n] = torch.tensor(toks[s.num_computed:s.num_computed + n])
         h_BTD = self.model.hidden(ids_BT.to(self.device), view.positions_BT, cache=view)
         self.num_calls += 1
         for b, (s, n) in enumerate(group):
             if s.hidden is not None:
                 s.hidden.append(h_BTD[b, :n].float().clone())
+            if self.keep_hidden:
+                self.hidden[s] = h_BTD[b, :n]
         # Only rows that reach their last known token produce logits; a mid-prompt chunk needs none.
-        rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == s.num_tokens]
+        rows = [b for b, (s, n) in enumerate(group) if s.num_computed + n == s.num_tokens + len(s.draft)]
         if not rows:
             return [], h_BTD[:0, 0]
-        b_R = torch.tensor(rows, device=self.device)
-        t_R = torch.tensor([new[b] - 1 for b in rows], device=self.device)
+        b_R = torch.tensor([b for b in rows for _ in range(1 + len(group[b][0].draft))], device=self.device)
+        t_R = torch.tensor([t for b in rows for t in range(new[b] - 1 - len(group[b][0].draft), new[b])],
+                           device=self.device)
         return [group[b][0] for b in rows], h_BTD[b_R, t_R]
+
+    @torch.inference_mode()
+    def mtp(self, rows: list[tuple[Sequence, int, list[int], torch.Tensor]]) -> torch.Tensor:
+        """The MTP layer over rows (seq, start, ids, h_nD): at positions start .. start + n - 1 of seq's blocks it
+        takes the main model's final hidden h[t] and token ids[t - start] (= token t + 1) and writes its latent row.
+        Returns its hidden state [R, D] at each row's last position (the next draft comes from there)."""
+        out_D = [None] * len(rows)
+        plan = [(i, len(ids)) for i, (_, _, ids, _) in enumerate(rows)]
+        for group in group_rows(plan, self.short):  # (row index, tokens) pairs: same packing as the main calls
+            seqs = [rows[i][0] for i, _ in group]
+            view = self.cache.batch_view([s.blocks for s in seqs], [rows[i][1] for i, _ in group],
+                                         [n for _, n in group])
+            T, D = view.T, rows[group[0][0]][3].shape[-1]
+            ids_BT = torch.zeros(len(group), T, dtype=torch.long)
+            h_BTD = rows[group[0][0]][3].new_zeros(len(group), T, D)
+            for b, (i, n) in enumerate(group):
+                ids_BT[b, :n] = torch.tensor(rows[i][2])
+                h_BTD[b, :n] = rows[i][3]
+            x_BTD = self.model.mtp_hidden(h_BTD, ids_BT.to(self.device), view.positions_BT, 0, cache=view)
+            self.num_calls += 1
+            for b, (i, n) in enumerate(group):
+                out_D[i] = x_BTD[b, n - 1]
+        return torch.stack(out_D)

@@ -122,8 +122,29 @@ def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[lis
     dev = logits_BV.device
     logits_BV = logits_BV.float()  # fp32: these log-probs feed RL importance ratios
     lse_B1 = logits_BV.logsumexp(-1, keepdim=True)  # raw log-probs = logits - lse, never materialised [B, V]
+    x_BV = process(logits_BV, states, outputs, allowed_BW)
+
+    tok_B = x_BV.argmax(-1)  # greedy rows; sampled rows are overwritten below
+    samp_B = torch.zeros(B, device=dev)  # greedy draws from a point mass: log 1
+    rows = [b for b, st in enumerate(states) if not st.params.greedy]
+    if rows:
+        r_R = torch.tensor(rows, device=dev)
+        sub = [states[b] for b in rows]
+        lp_RV = tempered_logprobs(x_BV[r_R], sub)
+        tok_R = race(lp_RV, [st.generator for st in sub])
+        tok_B[r_R] = tok_R
+        samp_B[r_R] = lp_RV.gather(1, tok_R[:, None])[:, 0]
+    raw_B = (logits_BV.gather(1, tok_B[:, None]) - lse_B1)[:, 0]
+    return Sampled(tok_B.tolist(), raw_B.tolist(), samp_B.tolist(), top_logprobs(logits_BV, lse_B1, states))
+
+
+def process(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[list[int]],
+            allowed_BW: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits after the grammar mask, min_tokens and penalties (before temperature): logits_BV itself when
+    no row changes anything, else a copy (the raw logits stay raw for the reported log-probs)."""
+    V, dev = logits_BV.shape[-1], logits_BV.device
     x_BV = logits_BV
-    if allowed_BW is not None:  # a copy: the raw logits stay raw for the reported log-probs
+    if allowed_BW is not None:
         x_BV = logits_BV.masked_fill(~unpack_bitmask(allowed_BW, V), float("-inf"))
     for b, (st, out) in enumerate(zip(states, outputs)):
         p = st.params
@@ -136,25 +157,28 @@ def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[lis
         if penalised:
             count_V = torch.bincount(torch.tensor(out, device=dev), minlength=V)[:V].float()
             x_BV[b] -= p.frequency_penalty * count_V + p.presence_penalty * (count_V > 0).float()
+    return x_BV
 
-    tok_B = x_BV.argmax(-1)  # greedy rows; sampled rows are overwritten below
-    samp_B = torch.zeros(B, device=dev)  # greedy draws from a point mass: log 1
-    rows = [b for b, st in enumerate(states) if not st.params.greedy]
-    if rows:
-        r_R = torch.tensor(rows, device=dev)
-        sub = [states[b] for b in rows]
-        temp_R1 = torch.tensor([st.params.temperature for st in sub], device=dev)[:, None]
-        lp_RV = _filter(x_BV[r_R] / temp_R1, sub).log_softmax(-1)
-        # Exponential race (= Gumbel max): argmax p / E, E ~ Exp(1) from the row's own generator. E == 0 would
-        # give +inf and turn a dropped token's -inf into NaN, which argmax prefers: clamp it away.
-        noise_RV = torch.empty_like(lp_RV)
-        for i, st in enumerate(sub):
-            noise_RV[i].exponential_(generator=st.generator)
-        tok_R = (lp_RV - noise_RV.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax(-1)
-        tok_B[r_R] = tok_R
-        samp_B[r_R] = lp_RV.gather(1, tok_R[:, None])[:, 0]
-    raw_B = (logits_BV.gather(1, tok_B[:, None]) - lse_B1)[:, 0]
 
+def tempered_logprobs(x_RV: torch.Tensor, states: list[SeqSampling]) -> torch.Tensor:
+    """Log-probs of the distribution sampled rows draw from: processed logits / temperature, then the filters."""
+    temp_R1 = torch.tensor([st.params.temperature for st in states], device=x_RV.device)[:, None]
+    return _filter(x_RV / temp_R1, states).log_softmax(-1)
+
+
+def race(lp_RV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One draw per row from exp(lp_RV) (need not be normalised), each row from its own generator.
+    Exponential race (= Gumbel max): argmax p / E, E ~ Exp(1). E == 0 would give +inf and turn a dropped token's
+    -inf into NaN, which argmax prefers: clamp it away."""
+    noise_RV = torch.empty_like(lp_RV)
+    for i, g in enumerate(generators):
+        noise_RV[i].exponential_(generator=g)
+    return (lp_RV - noise_RV.clamp_min_(torch.finfo(torch.float32).tiny).log_()).argmax(-1)
+
+
+def top_logprobs(logits_BV: torch.Tensor, lse_B1: torch.Tensor, states: list[SeqSampling]) -> list:
+    """Per row, its top_logprobs most likely tokens of the raw distribution as (id, logprob), or None."""
+    B, V = logits_BV.shape
     k = max(st.params.top_logprobs for st in states)
     tops: list = [None] * B
     if k:
@@ -164,7 +188,7 @@ def sample(logits_BV: torch.Tensor, states: list[SeqSampling], outputs: list[lis
             kb = st.params.top_logprobs
             if kb:
                 tops[b] = list(zip(idx[b][:kb], val[b][:kb]))
-    return Sampled(tok_B.tolist(), raw_B.tolist(), samp_B.tolist(), tops)
+    return tops
 
 
 def unpack_bitmask(mask_BW: torch.Tensor, V: int) -> torch.Tensor:

@@ -10,6 +10,9 @@ Each step (as vLLM's v1 scheduler, simplified):
      whatever prefix blocks survived. The oldest running sequence can therefore always progress, and since no
      request larger than the whole cache is admitted (the engine checks at add time), none ever fails for lack
      of room.
+     A decoding sequence may also verify draft tokens (speculative decoding): it asks for `lookahead` more slots
+     and feeds 1 + lookahead tokens. Drafts never cost anyone else's place: when the budget or the free blocks
+     fall short, the sequence's lookahead shrinks first (to 0: a plain decode) before anything is preempted.
   2. if nothing was preempted, waiting sequences in order while budget, max_num_seqs and free blocks allow,
      after taking their longest cached prefix.
 """
@@ -42,6 +45,10 @@ class Sequence:
     num_preemptions: int = 0
     # [n, D] final hidden states of the tokens fed so far, call by call, when the request asked for them
     hidden: list | None = None
+    # Speculative decoding: how many draft tokens the next decode may verify (set by the engine, cut here to what
+    # the budget and the cache allow), and the drafts themselves, fed after `tokens` and never part of them.
+    lookahead: int = 0
+    draft: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +92,10 @@ class Scheduler:
             if seq.status != RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.lookahead and seq.num_tokens - seq.num_computed == 1:
+                room = (len(seq.blocks) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
+                seq.lookahead = max(0, min(seq.lookahead, budget - 1, room - 1))
+                n = 1 + seq.lookahead
             need = self._blocks_needed(seq, n)
             while need > self.blocks.num_free:
                 victim = self.running[-1]  # the newest admitted
@@ -157,5 +168,6 @@ class Scheduler:
     def _reset(self, seq: Sequence):
         self.blocks.release(seq.blocks)
         seq.blocks, seq.num_computed, seq.num_registered, seq.chain = [], 0, 0, ROOT
+        seq.lookahead, seq.draft = 0, []  # drafts follow the computed tokens: recomputation starts without them
         if seq.hidden is not None:  # nothing is computed any more: a readmission recomputes (and re-records) it all
             seq.hidden.clear()
