@@ -97,8 +97,9 @@ def test_score_retrieval_and_chat():
     assert score(e, out("The code is K7Q-29X.")) == CORRECT
     assert score(e, out("The code is K7Q-29Y.")) == WRONG
     assert score(e, out(None)) == MALFORMED
-    c = ex("chat", "Hello!", "Hi there")
-    assert score(c, out("Hey.")) == CORRECT and score(c, out("")) == MALFORMED
+    c = ex("chat", "Hello!", "Hello! How can I help you today?")
+    assert score(c, out("Hello! How can I help you today?")) == CORRECT and score(c, out("")) == MALFORMED
+    assert score(c, out("The user greets me.")) == WRONG  # small talk is right only as the intent's reply
     with pytest.raises(ValueError, match="no scoring rule"):
         score(ex("poetry", "q", "a"), out("x"))
 

@@ -11,7 +11,8 @@ Per family:
                     abstention -> abstained (a miss, but an honest one); anything else -> wrong
   unknown           abstention -> abstained, which is the right answer; any other answer -> wrong (a hallucination)
   retrieval         the gold code appears verbatim in the content
-  chat              any non-empty content -> correct (reported, not a quality measure)
+  chat              the intent's reply (glm5.data.smalltalk has one fixed reply per intent) in the content -> correct,
+                    any other content -> wrong
   scope             an out-of-scope request (glm5.data.scope): the specific refusal (meta["specific"], e.g. "I can
                     only multiply by a one-digit number", "I don't know France" with the name exactly) -> correct;
                     another refusal ("I can't", "I don't know", ...) -> abstained (honest, not specific); an answer
@@ -180,7 +181,7 @@ def score(ex: Example, out: ParsedOutput, finish_reason: str | None = "stop") ->
     if fam == "retrieval":
         return CORRECT if ex.answer and ex.answer in content else WRONG
     if fam == "chat":
-        return CORRECT
+        return CORRECT if _norm(ex.answer) in _norm(content) else WRONG
     if fam == "scope":
         return _scope(ex, content)
     raise ValueError(f"example family {fam!r} has no scoring rule (known: {', '.join(ALL_FAMILIES)})")
