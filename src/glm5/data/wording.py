@@ -140,7 +140,7 @@ def typed_example(a: int, op: str, b: int, question: str, template: str) -> Exam
                 {"role": "assistant", "reasoning_content": reasoning, "content": f"{a} {op} {b} = {value}."}]
     return Example("arithmetic", messages, str(value),
                    meta={"op": op, "digits": max(len(str(a)), len(str(b))), "a": a, "b": b, "template": template,
-                         "typed": True})
+                         "thousands": any(f"{x:,}" in question for x in (a, b) if x >= 1000), "typed": True})
 
 
 def arithmetic_typed(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, max_digits: int = 4,
