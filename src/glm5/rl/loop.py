@@ -43,7 +43,7 @@ import torch
 
 from .buffer import Group, RolloutBuffer
 from .trainer import RLTrainConfig, make_optimizer, train_step
-from .worker import LocalWorker, WorkerConfig
+from .worker import LocalWorker, RLError, WorkerConfig
 
 log = logging.getLogger("glm5.rl")
 
@@ -88,11 +88,6 @@ class RLConfig:
 
     def staleness(self) -> int:  # tau
         return {"sync": 0, "one-step-off": 1}.get(self.mode, self.max_staleness)
-
-
-class RLError(ValueError):
-    """A run that cannot start (bad options, a checkpoint RL cannot train, Ray missing or out of reach) or cannot go
-    on; its message is one line for the person running it."""
 
 
 class TrainerFailed(RLError):
@@ -179,7 +174,7 @@ class WorkerPool(Protocol):
     """Where the rollout workers live (glm5.rl.worker.LocalWorker, glm5.rl.ray_backend.RayPool). get() returns the
     next of:
         ("group", gid, [sample dicts], worker index)    a finished, scored group
-        ("pushed", version, seconds to apply, seconds since sent)    one worker holds new weights
+        ("pushed", version, seconds to apply, seconds since the push began)    one worker holds new weights
         ("lost", [gids], reason)    a worker died with these groups unfinished: none of their samples came back, and
                                     the driver starts them again (the pool has restarted the worker)
     A failure the pool cannot recover from raises."""

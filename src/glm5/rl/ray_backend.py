@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .loop import RLError
-from .worker import WorkerConfig, serve
+from .worker import RLError, WorkerConfig, serve
 
 log = logging.getLogger("glm5.rl")
 

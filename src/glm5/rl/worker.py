@@ -28,6 +28,12 @@ from dataclasses import dataclass
 import torch
 
 
+class RLError(ValueError):
+    """A run that cannot start (bad options, a checkpoint RL cannot train, Ray missing or out of reach) or cannot go
+    on; its message is one line for the person running it. (Here, below the loop and both backends, so that each
+    can raise it; glm5.rl.loop exports it.)"""
+
+
 @dataclass
 class WorkerConfig:
     model: str  # checkpoint directory (the driver pushes the trainer's weights before any work anyway)
