@@ -10,7 +10,7 @@ import pytest
 from glm5.chat import render_chat
 from glm5.data import GENERATORS, SPLITS, VARIANTS, calculator, chat_mixture, examples, world
 from glm5.data.arithmetic import STEPS
-from glm5.data.capabilities import CAPABILITIES, CALCULATORS, tool_names
+from glm5.data.capabilities import CAPABILITIES, CALCULATORS, CITIES, tool_names
 from glm5.data.multiturn import CONNECTORS, FOLLOW_UPS, PRONOUNS, WHAT_ABOUT
 from glm5.data.scope import MULTIPLY, REAL_NAMES, real_names
 from glm5.data.thinking import shows_work
@@ -122,6 +122,13 @@ def test_scope_refusals_are_specific_and_split_by_wording_and_subject():
         assert reasons == {"multiply", "operation", "code", "writing", "translate", "tool", "entity"}
     templates = {s: {e.meta["template"] for seed in (0, 1) for e in examples("scope", s, 800, seed)} for s in SPLITS}
     assert not templates["train"] & templates["heldout"]
+    assert not set(CITIES) & {x for names in REAL_NAMES.values() for x in names}  # no held-out name in a tool chat
+    # one split of products for every family that multiplies large numbers, with a calculator or without
+    from glm5.data.tool import pair_split
+
+    for s in SPLITS:
+        mul = [e for e in examples("scope", s, 300, 0) if e.meta["reason"] == "multiply"]
+        assert mul and all(pair_split(e.meta["a"], e.meta["b"]) == s for e in mul)
 
 
 def test_tool_choice_declares_split_tools_and_calls_only_declared_ones():

@@ -21,8 +21,10 @@ from typing import Callable
 
 from ..tokenizer_train import CALCULATOR_TOOL
 
-CITIES = ("Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Denver", "Mumbai", "Sydney", "Toronto", "Madrid",
-          "Nairobi", "Seoul", "Dublin", "Santiago", "Hanoi", "Vienna", "Boston", "Manila", "Quito")
+# Cities a request names: none of them is a real name the scope family asks about (its held-out names are never
+# copied in a training chat).
+CITIES = ("Lima", "Oslo", "Denver", "Santiago", "Hanoi", "Quito", "Kyoto", "Porto", "Zurich", "Perth", "Dakar",
+          "Bogota", "Seattle", "Munich", "Naples", "Accra", "Tunis", "Riga", "Tallinn", "Hamburg")
 _WEATHER = ("sunny", "cloudy", "light rain", "snow", "windy", "fog", "clear skies", "thunderstorms")
 _EMAILS = ("dana@example.com", "kofi.mensah@example.org", "lea@mail.example", "hiro@example.net", "team@example.com",
            "maya.ortiz@example.com", "support@example.org", "chen.wei@example.net")

@@ -27,6 +27,7 @@ import random
 from .capabilities import CAPABILITIES
 from .common import check_split, draw, rng_for, split_of
 from .example import ABSTAIN, Example
+from .tool import pair_split as tool_pair_split
 from .world import ATTRIBUTES, _phrasing, world
 from .wording import _write, typed_template
 
@@ -135,8 +136,8 @@ def multiply_example(rng: random.Random, split: str) -> Example:
     def make(r):
         return tuple(r.randrange(10 ** (d - 1), 10 ** d) for d in (r.randint(2, 4), r.randint(2, 4)))
 
-    a, b = draw(rng, lambda p: split_of(f"{p[0]} * {p[1]} scope", HELDOUT_PERCENT) == split, make,
-                f"{split} multiplication")
+    # The calculator families' split (glm5.data.tool): a held-out product is in no training chat, with tools or not.
+    a, b = draw(rng, lambda p: tool_pair_split(*p) == split, make, f"{split} multiplication")
     if split == "train" and rng.random() < 0.4:
         template = rng.choice(_MUL_TRAIN)
     else:
