@@ -19,9 +19,16 @@ import time
 from pathlib import Path
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process on this machine, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rollout(cfg, n_workers: int, orders: list, push_sd) -> dict:
-    """Every order through a fresh pool of n_workers; wall seconds from the first order to the last group, and the
-    share of them in which some runnable task waited for a CPU (PSI: other processes, or oversubscription)."""
+    """Every order through a fresh pool of n_workers; wall seconds from the first order to the last group, the
+    workers' CPU seconds meanwhile, and the share of the wall time in which some runnable task waited for a CPU
+    (PSI: other processes, or oversubscription)."""
     from glm5.rl.ray_backend import RayPool
     from machine import cpu_stall_us
 
@@ -31,7 +38,8 @@ def rollout(cfg, n_workers: int, orders: list, push_sd) -> dict:
         acks = 0
         while acks < n_workers:  # every engine holds the weights: the clock starts
             acks += pool.get(timeout=600)[0] == "pushed"
-        stall = cpu_stall_us()
+        pids = [s.info["pid"] for s in pool.slots]
+        cpu0, stall = sum(map(cpu_seconds, pids)), cpu_stall_us()
         t0 = time.perf_counter()
         pool.submit(orders)
         groups, pending = [], {o[0] for o in orders}
@@ -41,12 +49,13 @@ def rollout(cfg, n_workers: int, orders: list, push_sd) -> dict:
                 groups.append(msg)
                 pending.discard(msg[1])
         wall = time.perf_counter() - t0
+        cpu = sum(map(cpu_seconds, pids)) - cpu0
         stall = None if stall is None else (cpu_stall_us() - stall) / 1e6 / wall
     finally:
         info = pool.stop()
     samples = sum(len(g[2]) for g in groups)
     tokens = sum(sum(s["mask"]) for g in groups for s in g[2])
-    return {"wall": wall, "samples": samples, "tokens": tokens, "groups": groups, "stall": stall,
+    return {"wall": wall, "cpu": cpu, "samples": samples, "tokens": tokens, "groups": groups, "stall": stall,
             "per_worker": [w["groups"] for w in info["workers"]]}
 
 
@@ -106,14 +115,17 @@ def main() -> None:
     sps = {(n, t): r["samples"] / r["wall"] for n, t, r in rows}
     print(f"\n## Rollout: {args.groups} groups x {args.group_size} samples, max {args.max_tokens} tokens a turn, "
           f"shipped model (same seeds in every row)")
-    print("| rollout workers x threads | wall s | samples/s | sampled tokens/s | groups per worker | vs 1 x 1 | "
-          "CPU stall share |")
-    print("|---|---:|---:|---:|---|---:|---:|")
+    print("| rollout workers x threads | wall s | samples/s | vs 1 x 1 | sampled tokens/s | groups per worker | "
+          "workers' CPU s | samples per CPU s | CPU stall share |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for n, threads, r in rows:
         stall = "-" if r["stall"] is None else f"{r['stall']:.2f}"
-        print(f"| {n} x {threads} | {r['wall']:.1f} | {sps[n, threads]:.2f} | {r['tokens'] / r['wall']:.0f} | "
-              f"{'/'.join(map(str, r['per_worker']))} | {sps[n, threads] / sps[1, 1]:.2f}x | {stall} |")
-    print(f"R = 2 vs R = 1 on the same two cores (2 x 1 vs 1 x 2 threads): {sps[2, 1] / sps[1, 2]:.2f}x")
+        print(f"| {n} x {threads} | {r['wall']:.1f} | {sps[n, threads]:.2f} | {sps[n, threads] / sps[1, 1]:.2f}x | "
+              f"{r['tokens'] / r['wall']:.0f} | {'/'.join(map(str, r['per_worker']))} | {r['cpu']:.1f} | "
+              f"{r['samples'] / r['cpu']:.2f} | {stall} |")
+    print(f"R = 2 vs R = 1 on the same two cores (2 x 1 vs 1 x 2 threads): {sps[2, 1] / sps[1, 2]:.2f}x. Samples per "
+          f"CPU second, 2 workers vs 1 (what R workers on R free cores would multiply): "
+          f"{rows[1][2]['samples'] / rows[1][2]['cpu'] / (rows[0][2]['samples'] / rows[0][2]['cpu']):.2f}x")
 
     # one trainer step on the groups just generated: T_train for the scaling model
     from glm5.rl.buffer import Group
