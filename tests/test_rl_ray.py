@@ -124,6 +124,8 @@ def test_workers_on_both_nodes_outlive_a_killed_worker(ckpt, cluster, tmp_path, 
                               s["dropped_failed"] + s["skipped_reward"])
     b = summary["buffer"]
     assert b["generated"] == b["dropped_uniform"] + b["dropped_stale"] + b["trained"] + b["queued"]
+    # the replacement started from the current weights: groups it sampled with the checkpoint's would go stale
+    assert b["dropped_stale"] == 0
 
 
 def test_ray_missing_or_out_of_reach_is_one_clear_line(ckpt, tmp_path, monkeypatch, capsys):
