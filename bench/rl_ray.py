@@ -8,7 +8,7 @@
 3. weight-push latency, Ray object store vs the local backend's process queue, for the shipped model and the `small`
    preset: driver-side (ray.put / queue put) and end to end (sent -> applied in the worker's engine), median of K.
 
-    .venv/bin/python bench/rl_ray.py [--groups 8] [--group-size 8] [--max-tokens 128] [--pushes 5]
+    .venv/bin/python bench/rl_ray.py [--groups 8] [--group-size 8] [--max-tokens 128] [--pushes 5] [--wait-quiet 30]
 """
 
 import argparse
