@@ -4,7 +4,7 @@
    through R = 1 and R = 2 rollout workers (Ray actors, the pool the RL loop uses), and, for the same cores, R = 1
    with two threads; ratios vs R = 1;
 2. one trainer step on those groups (the driver's), and what the two imply for R workers (rollout-bound while
-   R < R* = B G / (r T_train));
+   R < R* = k B G / (r T_train), k the groups sampled per group trained);
 3. weight-push latency, Ray object store vs the local backend's process queue, for the shipped model and the `small`
    preset: driver-side (ray.put / queue put) and end to end (sent -> applied in the worker's engine), median of K.
 
