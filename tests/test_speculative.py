@@ -382,28 +382,42 @@ def test_stop_inside_an_accepted_run(model, how):
     assert eng.stats()["blocks_used"] == 0
 
 
-def test_min_tokens_and_penalties_count_drafts_as_output(bigram):
-    """The processed distributions at each verified position treat the drafts before it as output: min_tokens masks
-    the end token and penalties count drafted tokens, as a hand-written full-forward reference does."""
+def test_min_tokens_counts_drafts_as_output(bigram):
+    """min_tokens at a position deep in a run counts the drafts before it: an end token that becomes allowed there
+    ends the output there (a mask that counted only the output before the step would keep it masked)."""
     prompt = prompts_of([12], bigram.config.vocab_size, seed=5)[0]
     plain, _ = reference(bigram, prompt, 14)
-    eos = plain[2]
-
-    def hook(logits, out):
-        count = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
-        logits = logits - 0.8 * count - 0.3 * (count > 0).float()
-        if len(out) < 6:
-            logits[eos] = float("-inf")
-        return logits
-
-    want, _ = reference(bigram, prompt, 14, hook)
-    assert want != plain
-    eos_at = want.index(eos) + 1 if eos in want else 14
+    eos = plain[6]
+    assert eos not in plain[:6]
     eng = engine(bigram, 3, eos_token_ids=[eos])
-    oracle(eng, {len(prompt): plain + [0] * 20})  # drafts from the unprocessed continuation: some must fail
-    params = SamplingParams(temperature=0, max_tokens=14, min_tokens=6, frequency_penalty=0.8, presence_penalty=0.3)
-    assert run(eng, [prompt], params)[0][0] == want[:eos_at]
-    assert 0 < eng.stats()["spec_accepted_tokens"] < eng.stats()["spec_draft_tokens"]
+    oracle(eng, {len(prompt): plain})  # t1: prefill; t2..t5: a run; t6..t9: a run that holds t7 = eos
+    toks, outs = run(eng, [prompt], SamplingParams(temperature=0, max_tokens=14, min_tokens=6))
+    assert toks[0] == plain[:7] and outs[0][-1].finish_reason == "stop" and len(outs[0][-1].new_token_ids) > 1
+    eng = engine(bigram, 3, eos_token_ids=[eos])
+    oracle(eng, {len(prompt): plain})
+    want, _ = reference(bigram, prompt, 14, lambda logits, out: logits.index_fill(0, torch.tensor([eos]), -1e9)
+                        if len(out) < 7 else logits)
+    assert run(eng, [prompt], SamplingParams(temperature=0, max_tokens=14, min_tokens=7))[0][0] == \
+        want[:want.index(eos) + 1 if eos in want else 14]
+
+
+def test_penalties_count_drafts_as_output(model):
+    """Frequency and presence penalties at each verified position count the drafts before it, as a hand-written
+    full-forward reference counts the output; drafts of that continuation are then all accepted."""
+    prompt = prompts_of([14], model.config.vocab_size, seed=12)[0]
+
+    def penalize(logits, out):
+        count = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        return logits - 1.5 * count - 0.5 * (count > 0).float()
+
+    want, _ = reference(model, prompt, 24, penalize)
+    assert want != reference(model, prompt, 24)[0]  # the penalty matters
+    eng = engine(model, 8)
+    oracle(eng, {len(prompt): want})
+    params = SamplingParams(temperature=0, max_tokens=24, frequency_penalty=1.5, presence_penalty=0.5)
+    assert run(eng, [prompt], params)[0][0] == want
+    st = eng.stats()
+    assert st["spec_accepted_tokens"] == st["spec_draft_tokens"] > 8
 
 
 # -- weights ----------------------------------------------------------------------------------------------------------
