@@ -71,7 +71,10 @@ class MTPLayer(DecoderLayer):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Weights are set by init_weights or a checkpoint; _weight skips nn.Embedding's own normal_ init, which on
+        # the meta device imports torch._dynamo (seconds per process).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, cfg.indexer_types[i] == "full", cfg.mlp_layer_types[i] == "sparse")
             for i in range(cfg.num_hidden_layers)
