@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine batch (the KV cache is sized "
                    "for this many at full context)")
     s.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    s.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="MTP speculative decoding: draft tokens the model's MTP layer proposes and one forward "
+                   "verifies per step, 0 to 15 (default 0: off). Output is as without it (greedy: the same tokens)")
     s.add_argument("--max-queue", type=int, default=256, help="sequences (prompts x n) held beyond the running batch; "
                    "more get 429")
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -82,8 +85,13 @@ def _serve(args, sock: socket.socket) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(levelname)s: %(message)s")
     loaded = load_model_args(args)
-    engine = build_engine(loaded.model, loaded.tokenizer, cache_bytes=cache_bytes_arg(args),
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    try:
+        engine = build_engine(loaded.model, loaded.tokenizer, cache_bytes=cache_bytes_arg(args),
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              speculative_tokens=args.speculative_tokens)
+    except ValueError as e:  # e.g. --speculative-tokens for a model without its MTP layer
+        print(f"glm5 serve: error: {e}", file=sys.stderr)
+        return 2
     limits = Limits(max_body_bytes=int(args.max_body_mib * MIB), max_tokens=args.max_tokens, max_queue=args.max_queue)
     name = args.served_model_name or loaded.name
     app = create_app(engine, tokenizer=loaded.tokenizer, model_name=name, api_key=args.api_key or None,
@@ -108,7 +116,8 @@ def startup_lines(engine, name: str, host: str, port: int, api_key: bool) -> lis
     ctx = f"context {st['max_model_len']} tokens"
     if st["max_model_len"] < cfg.max_position_embeddings:
         ctx += f" (all the KV cache holds; the model's is {cfg.max_position_embeddings})"
-    return [f"model {name}, {ctx}, up to {engine.scheduler.max_num_seqs} sequences at once",
+    spec = f", up to {st['speculative_tokens']} MTP draft tokens a step" if st.get("speculative_tokens") else ""
+    return [f"model {name}, {ctx}, up to {engine.scheduler.max_num_seqs} sequences at once{spec}",
             f"KV cache {st['cache_bytes'] / MIB:.0f} MiB ({engine.cache_sizing}; --cache-mib sets it)"
             + (", memory taken as it fills" if engine.device.type == "cpu" else ""),
             f"http://{host}:{port}/v1{'  (API key required)' if api_key else ''}"]
