@@ -63,10 +63,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: this process's CPU time instead of wall time (on a machine shared with other jobs, "
-                         "wall time counts the time they take the cores away)")
+                    help="cpu: the CPU time of the thread that runs the engine (with --threads 1, all of its work) "
+                         "instead of wall time, which on a machine shared with other jobs also counts the time they "
+                         "hold the cores")
     a = ap.parse_args()
-    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    if a.clock == "cpu" and a.threads != 1:
+        ap.error("--clock cpu measures one thread: use it with --threads 1")
+    clock = time.perf_counter if a.clock == "wall" else time.thread_time
     torch.set_num_threads(a.threads)
 
     from glm5.engine import Engine
@@ -103,7 +106,7 @@ def main() -> None:
         for k in a.k:
             st = engines[k].stats()
             m, d = statistics.median(tps[k]), statistics.median(dec[k])
-            depth = " ".join(f"{x:.2f}" for x in st["spec_acceptance_by_depth"])
+            depth = " ".join("-" if x is None else f"{x:.2f}" for x in st["spec_acceptance_by_depth"])
             print(f"  k={k}:   {m:7.1f} tok/s  x{m / base:.2f}   decoding {d:7.1f} tok/s  x{d / base_dec:.2f}   "
                   f"acceptance {st['spec_acceptance_rate']:.3f} (by depth {depth}), "
                   f"{st['spec_mean_emitted']:.2f} tokens per verify step")

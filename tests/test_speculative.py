@@ -527,3 +527,36 @@ def test_seeded_sampling_is_reproducible_with_n_samples(bigram):
     assert [[s.token_ids for s in r] for r in runs[0]] == [[s.token_ids for s in r] for r in runs[1]]
     assert all(len(s.token_ids) == 12 and len(s.logprobs) == len(s.top_logprobs) == 12 for r in runs[0] for s in r)
     assert len({tuple(s.token_ids) for s in runs[0][0]}) > 1  # the n samples differ
+
+
+def test_return_hidden_keeps_only_accepted_positions(bigram):
+    """return_hidden (the eval scores MTP drafts from these) with rejections: one row per token fed and accepted,
+    equal to a full forward's final hidden states."""
+    prompt = prompts_of([16], bigram.config.vocab_size, seed=31)[0]
+    eng = engine(bigram, 3)
+    eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=15), return_hidden=True)
+    toks, hidden = [], None
+    while eng.has_unfinished():
+        for o in eng.step():
+            toks += o.new_token_ids
+            hidden = o.hidden if o.finished else hidden
+    st = eng.stats()
+    assert 0 < st["spec_accepted_tokens"] < st["spec_draft_tokens"]
+    with torch.no_grad():
+        want = bigram.hidden(torch.tensor([prompt + toks[:-1]]))[0]
+    assert hidden.shape == want.shape and torch.allclose(hidden, want, atol=1e-4)
+
+
+def test_serve_engine_takes_speculative_tokens():
+    """`glm5 serve --speculative-tokens K` builds its engine through build_engine; a model without an MTP layer is
+    refused there (serve prints the error and exits 2)."""
+    from glm5.server.launch import build_engine
+
+    from .server_util import TOK
+
+    m = glm5.load_model(tiny().replace(vocab_size=TOK.vocab_size))
+    eng = build_engine(m, TOK, cache_bytes=4 << 20, speculative_tokens=2)
+    assert eng.stats()["speculative_tokens"] == 2 and eng.drafter is not None
+    no_mtp = glm5.load_model(tiny().replace(vocab_size=TOK.vocab_size, num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="MTP layer"):
+        build_engine(no_mtp, TOK, cache_bytes=4 << 20, speculative_tokens=2)

@@ -257,12 +257,13 @@ class Drafter:
 
     def stats(self) -> dict:
         """Drafts verified and accepted, acceptance rate (accepted / verified), tokens a verifying row emitted per
-        step on average, and acceptance by depth (a run of j accepted drafts counts at depths 1..j)."""
+        step on average, and acceptance by depth (a run of j accepted drafts counts at depths 1..j; None where no draft
+        reached that depth)."""
         return {"speculative_tokens": self.k, "spec_verify_rows": self.verify_rows,
                 "spec_draft_tokens": self.draft_tokens, "spec_accepted_tokens": self.accepted_tokens,
                 "spec_acceptance_rate": self.accepted_tokens / max(1, self.draft_tokens),
                 "spec_mean_emitted": (self.verify_rows + self.accepted_tokens) / max(1, self.verify_rows),
-                "spec_acceptance_by_depth": [a / max(1, d) for a, d in zip(self.accepted_at, self.drafted_at)]}
+                "spec_acceptance_by_depth": [a / d if d else None for a, d in zip(self.accepted_at, self.drafted_at)]}
 
     @staticmethod
     def empty_stats() -> dict:
