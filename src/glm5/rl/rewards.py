@@ -10,8 +10,8 @@ reading, the exact GLM-5 reward is not public):
   tool        right +1, wrong 0                 the final answer after the calculator round(s)
   retrieval   right +1, wrong 0                 not in the honesty table; verifiable like arithmetic
   malformed   -1 in every family                truncated, an unclosed <think>, empty content, a dangling tool call
-chat has no verifiable answer (the eval counts any content as right), so it has no reward here: a constant reward
-would carry no GRPO signal anyway.
+chat (small talk, scored right when the reply is the intent's) and the other families the eval scores have no
+entry here: pass a reward function (--reward) to train on them.
 
 The outcome comes from glm5.eval.score.score, so RL optimises exactly what `glm5 eval` measures.
 """

@@ -101,7 +101,7 @@ class Rollout:
         """Start G episodes of one prompt. The prompt's ids are rendered once and shared (prefix cache)."""
         if group_id in self._groups:
             raise ValueError(f"group {group_id} is already running")
-        r = render_chat(self.tok, example.prompt_messages, example.tools, enable_thinking=True)
+        r = render_chat(self.tok, example.prompt_messages, example.tools, enable_thinking=example.thinking)
         eps = [_Episode(Sample(group_id, i, example, list(r.ids), len(r.ids), [0] * len(r.ids), [0.0] * len(r.ids),
                                [-1] * len(r.ids)), list(example.prompt_messages), r.thinking, len(r.ids))
                for i in range(group_size)]
@@ -175,7 +175,8 @@ class Rollout:
         # The observation's ids: the rendering of the conversation with the tool answers, past the rendering of the
         # conversation up to the assistant's call. Only this suffix is used; the sampled ids stay as sampled.
         before = render_chat(self.tok, ep.conv + [msg], s.example.tools, add_generation_prompt=False).ids
-        after = render_chat(self.tok, ep.conv + [msg] + tool_msgs, s.example.tools, enable_thinking=True)
+        after = render_chat(self.tok, ep.conv + [msg] + tool_msgs, s.example.tools,
+                            enable_thinking=s.example.thinking)
         if after.ids[: len(before)] != before:
             raise RuntimeError("the chat format renders a tool answer by changing the turns before it; "
                                "token-in-token-out rollout needs an appending format")
