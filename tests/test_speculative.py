@@ -318,7 +318,7 @@ def test_prefix_cache_holds_only_accepted_tokens(bigram):
     toks, _ = run(eng, prompts, SamplingParams(temperature=0, max_tokens=20))
     st = eng.stats()
     assert 0 < st["spec_accepted_tokens"] < st["spec_draft_tokens"]
-    b, P, W = eng.blocks, 4, eng.cache.lat.shape[-1]
+    b, P = eng.blocks, 4
     by_id = {b.key_id[blk]: blk for blk in b.table.values()}
     checked = 0
     for key, blk in b.table.items():

@@ -118,8 +118,8 @@ class _SeqState(SeqSampling):
     max_tokens: int = 0
     text_len: int = 0  # characters of detokenized output already searched for stop strings
     matcher: Matcher | None = None  # this sample's position in its grammar
-    # speculative decoding: the distribution each pending draft was drawn from (None: greedy), and the hidden state
-    # the next chained draft takes (speculative.CHAIN_HIDDEN)
+    # speculative decoding: the distribution each pending draft was drawn from (None: greedy), and the MTP layer's
+    # hidden state at the last draft (the next chained draft's input)
     draft_q: list = field(default_factory=list)
     draft_h: torch.Tensor | None = None
     draft_conf: float = 0.0  # the last draft's confidence (speculative.CONFIDENCE)
@@ -160,7 +160,6 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         self.runner = ModelRunner(model, self.cache, short=1 + k, keep_hidden=mtp)
-
         self.max_model_len = min(cfg.max_position_embeddings, num_blocks * block_size)
         self.eos_token_ids = list(cfg.eos_token_id if eos_token_ids is None else eos_token_ids)
         # Token ids a request may carry or be sampled: the tokenizer's, when the checkpoint pads its vocabulary.
@@ -331,11 +330,10 @@ class Engine:
             if seq.request_id in failed:
                 continue
             emitted = got[r] if isinstance(got[r], speculative.Verdict) else _one(got[r])
-            n_out = self._emit(seq, emitted, failed)
-            if n_out is None:
+            res = self._emit(seq, emitted, failed)
+            if res is None:
                 continue
-            reason, stop_reason = n_out[1], n_out[2]
-            n_out = n_out[0]
+            n_out, reason, stop_reason = res
             if seq.draft:  # roll back: the computed count stops after the last accepted draft
                 kept[seq] = min(emitted.accepted + 1, n_out)
                 self.scheduler.advance(seq, kept[seq])
@@ -460,7 +458,6 @@ class Engine:
             if got[r] is not None and row_seqs[r].request_id not in failed:
                 self.drafter.count(row_seqs[r], got[r])
         return got
-
 
     def _check_stop(self, seq: Sequence, tok: int) -> tuple[str | None, int | str | None]:
         st: _SeqState = seq.state

@@ -135,8 +135,8 @@ class BlockManager:
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
     """Cache bytes one token takes: its latent row in every main layer and its index key in every "full" layer
     (with mtp, also both for the MTP layer, which always has its own indexer)."""
-    n_index = sum(t == "full" for t in cfg.indexer_types) + int(mtp)
-    width = (cfg.num_hidden_layers + int(mtp)) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + n_index * cfg.index_head_dim
+    n_latent, n_index = cfg.num_hidden_layers + int(mtp), sum(t == "full" for t in cfg.indexer_types) + int(mtp)
+    width = n_latent * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + n_index * cfg.index_head_dim
     return width * torch.empty((), dtype=dtype).element_size()
 
 
@@ -265,8 +265,9 @@ class BatchView:
     def update(self, layer: int, lat_BTW: torch.Tensor, ikey_BTd: torch.Tensor | None, need_latent: bool = True):
         c = self.cache
         if layer >= c.n_layers:
-            raise ValueError(f"layer {layer}: the paged cache holds {c.n_layers} layers ({c.cfg.num_hidden_layers} main"
-                             f"{', 1 MTP' if c.n_layers > c.cfg.num_hidden_layers else '; MTP rows only with mtp=True'})")
+            mtp = ", 1 MTP" if c.n_layers > c.cfg.num_hidden_layers else "; MTP rows only with mtp=True"
+            raise ValueError(f"layer {layer}: the paged cache holds {c.n_layers} layers "
+                             f"({c.cfg.num_hidden_layers} main{mtp})")
         lat = self._write_and_gather(c.lat[layer], lat_BTW, gather=need_latent)
         ik = self._write_and_gather(c.ikey[c.ikey_index[layer]], ikey_BTd) if ikey_BTd is not None else None
         return lat, ik
