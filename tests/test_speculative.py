@@ -560,3 +560,22 @@ def test_serve_engine_takes_speculative_tokens():
     no_mtp = glm5.load_model(tiny().replace(vocab_size=TOK.vocab_size, num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="MTP layer"):
         build_engine(no_mtp, TOK, cache_bytes=4 << 20, speculative_tokens=2)
+
+
+def test_drafts_take_only_what_the_running_sequences_leave():
+    """Two decoding sequences, blocks of 2 slots, 2 free blocks: each needs one for its next token. The older one's
+    3 drafts would take both; they get what is left once both have their token, and nobody is preempted."""
+    from glm5.engine.kv_cache import BlockManager
+    from glm5.engine.scheduler import Scheduler, Sequence
+
+    blocks = BlockManager(num_blocks=4, block_size=2)
+    sch = Scheduler(blocks, max_num_batched_tokens=64, max_num_seqs=8)
+    a, b = Sequence(0, "a", 0, [1, 2], 2), Sequence(1, "b", 0, [3, 4], 2)
+    sch.add(a)
+    sch.add(b)
+    for seq, n in sch.schedule():  # prefill: one block each
+        sch.advance(seq, n)
+        seq.tokens.append(5)
+    a.lookahead = b.lookahead = 3
+    assert dict(sch.schedule()) == {a: 2, b: 2}  # slot 2 (the token) and slot 3 (one draft) fill each new block
+    assert sch.num_preemptions == 0 and (a.lookahead, b.lookahead) == (1, 1) and blocks.num_free == 0

@@ -11,8 +11,9 @@ Each step (as vLLM's v1 scheduler, simplified):
      request larger than the whole cache is admitted (the engine checks at add time), none ever fails for lack
      of room.
      A decoding sequence may also verify draft tokens (speculative decoding): it asks for `lookahead` more slots
-     and feeds 1 + lookahead tokens. Drafts never cost anyone else's place: when the budget or the free blocks
-     fall short, the sequence's lookahead shrinks first (to 0: a plain decode) before anything is preempted.
+     and feeds 1 + lookahead tokens. Drafts come after every running sequence has its tokens, from the budget and
+     free blocks left (the lookahead shrinks to fit, to 0: a plain decode), so they never preempt nor delay a
+     running sequence; like vLLM's spec tokens they come before admissions, whose budget and blocks they may take.
   2. if nothing was preempted, waiting sequences in order while budget, max_num_seqs and free blocks allow,
      after taking their longest cached prefix.
 """
@@ -92,10 +93,6 @@ class Scheduler:
             if seq.status != RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if seq.lookahead and seq.num_tokens - seq.num_computed == 1:
-                room = (len(seq.blocks) + self.blocks.num_free) * self.blocks.block_size - seq.num_computed
-                seq.lookahead = max(0, min(seq.lookahead, budget - 1, room - 1))
-                n = 1 + seq.lookahead
             need = self._blocks_needed(seq, n)
             while need > self.blocks.num_free:
                 victim = self.running[-1]  # the newest admitted
@@ -110,6 +107,7 @@ class Scheduler:
             seq.blocks += self.blocks.allocate(need)
             plan[seq] = n
             budget -= n
+        budget = self._add_drafts(plan, budget)
 
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -135,6 +133,20 @@ class Scheduler:
             plan[seq] = n
             budget -= n
         return list(plan.items())
+
+    def _add_drafts(self, plan: dict[Sequence, int], budget: int) -> int:
+        """Each scheduled decode's drafts from what budget and free blocks are left (its lookahead cut to fit);
+        returns the budget left."""
+        P = self.blocks.block_size
+        for seq in plan:
+            if not seq.lookahead or seq.num_tokens - seq.num_computed != 1:
+                continue
+            room = (len(seq.blocks) + self.blocks.num_free) * P - seq.num_computed - 1
+            seq.lookahead = max(0, min(seq.lookahead, budget, room))
+            seq.blocks += self.blocks.allocate(self._blocks_needed(seq, 1 + seq.lookahead))
+            plan[seq] += seq.lookahead
+            budget -= seq.lookahead
+        return budget
 
     def advance(self, seq: Sequence, n: int):
         """After the model call: n more tokens of seq are in the cache; register blocks that just filled up."""
