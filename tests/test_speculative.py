@@ -579,3 +579,17 @@ def test_drafts_take_only_what_the_running_sequences_leave():
     a.lookahead = b.lookahead = 3
     assert dict(sch.schedule()) == {a: 2, b: 2}  # slot 2 (the token) and slot 3 (one draft) fill each new block
     assert sch.num_preemptions == 0 and (a.lookahead, b.lookahead) == (1, 1) and blocks.num_free == 0
+
+
+def test_metrics_export_the_acceptance(bigram):
+    from glm5.server.metrics import Metrics
+
+    eng = Engine(bigram, speculative_tokens=2, eos_token_ids=[])
+    eng.generate([[3, 4, 5, 6]], SamplingParams(temperature=0.0, max_tokens=24))
+    s = eng.stats()
+    text = Metrics("m").render(s)
+    assert s["spec_draft_tokens"] > 0
+    assert f"glm5_spec_decode_num_draft_tokens_total {s['spec_draft_tokens']}" in text
+    assert f"glm5_spec_decode_num_accepted_tokens_total {s['spec_accepted_tokens']}" in text
+    assert "glm5_spec_decode_acceptance_rate" in text
+    assert "glm5_spec_decode" not in Metrics("m").render(Engine(bigram, eos_token_ids=[]).stats())

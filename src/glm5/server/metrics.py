@@ -107,6 +107,13 @@ class Metrics:
                [({}, s.get("prefix_cache_hit_tokens", 0))])
         metric("glm5_num_preemptions_total", "counter", "Sequences preempted (KV recomputed later).",
                [({}, s.get("num_preemptions", 0))])
+        if s.get("speculative_tokens"):  # speculative decoding is on (--speculative-tokens)
+            metric("glm5_spec_decode_num_draft_tokens_total", "counter", "Tokens the MTP layer drafted.",
+                   [({}, s["spec_draft_tokens"])])
+            metric("glm5_spec_decode_num_accepted_tokens_total", "counter", "Drafted tokens the model accepted.",
+                   [({}, s["spec_accepted_tokens"])])
+            metric("glm5_spec_decode_acceptance_rate", "gauge", "Accepted / drafted tokens so far.",
+                   [({}, s.get("spec_acceptance_rate") or 0.0)])
         if worker is not None:
             metric("glm5_engine_steps_total", "counter", "Engine steps run.", [({}, worker.steps)])
             metric("glm5_engine_busy_seconds_total", "counter", "Time spent inside engine steps.",
