@@ -29,13 +29,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from machine import free_port, metric_values, start_server  # bench/machine.py (python puts bench/ on sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -99,32 +100,10 @@ if __name__ != "__main__" and os.environ.get("SCHEMATHESIS_HOOKS") == __name__:
 
 
 # ---------------------------------------------------------------------------------------------------------- runner
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float):
     import httpx
 
     return httpx.get(url, timeout=timeout)
-
-
-def start_server(port: int, args, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "glm5.server.cli", "serve", "--model", args.model, "--port", str(port),
-           "--max-tokens", str(args.max_tokens), "--threads", str(args.threads), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    t0 = time.monotonic()
-    while True:
-        try:
-            if _get(f"http://127.0.0.1:{port}/health", 2).status_code == 200:
-                return proc
-        except Exception:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 300:
-            raise RuntimeError(f"the server did not start (see {log.name})")
-        time.sleep(0.5)
 
 
 class HealthWatch(threading.Thread):
@@ -149,15 +128,6 @@ class HealthWatch(threading.Thread):
                 self.stalls.append(f"/health at +{t0:.0f} s: {why}")
 
 
-def metric_values(text: str) -> dict[str, float]:
-    out = {}
-    for ln in text.splitlines():
-        if ln and not ln.startswith("#"):
-            name, _, v = ln.rpartition(" ")
-            out[name] = float(v)
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=300, help="seconds of fuzzing (default 300)")
@@ -177,10 +147,11 @@ def main() -> int:
 
     out = args.out or Path(tempfile.mkdtemp(prefix="glm5-fuzz-"))
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(out / "server.log", "w")
-    proc = start_server(port, args, log)
+    proc = start_server(port, ["--model", args.model, "--max-tokens", str(args.max_tokens), "--threads",
+                              str(args.threads)], log)
     watch = HealthWatch(url, args.health_timeout)
     # Two runs: every operation (stateful links included) for a tenth of the time, then the generation endpoints
     # alone. In one run the GET routes, answered in a millisecond, take most of the cases, while a generation

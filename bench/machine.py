@@ -1,11 +1,14 @@
-"""What the benchmarks need to know about a shared machine: CPU pressure, idle waits, the CPU's name."""
+"""What the benchmarks share: CPU pressure, idle waits and the CPU's name on a shared machine; a `glm5 serve` started
+in a subprocess, and its /metrics read back."""
 
 from __future__ import annotations
 
 import os
 import platform
 import re
+import socket
 import subprocess
+import sys
 import time
 
 
@@ -42,8 +45,50 @@ def wait_quiet(max_wait_s: float, busy_limit: float = 0.2) -> float:
 
 
 def cpu_name() -> str:
+    """lscpu's model name and the widest matrix ISA it has (AMX, AVX512-BF16 or AVX2): which one decides fp32 or
+    bf16."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return re.search(r"Model name:\s+(.*)", out).group(1).strip()
+        name = re.search(r"Model name:\s+(.*)", out).group(1).strip()
+        flags = re.search(r"Flags:\s+(.*)", out).group(1).split()
+        isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2"
+        return f"{name} ({isa})"
     except Exception:
         return platform.processor() or "unknown"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int, serve_args: list[str], log) -> subprocess.Popen:
+    """`glm5 serve --port PORT *serve_args` in a subprocess writing to the file log; returns once /health answers
+    200 (RuntimeError if it exits or takes over 300 s)."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "glm5.server.cli", "serve", "--port", str(port), "--log-level", "warning",
+           *serve_args]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    t0 = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() - t0 > 300:
+            proc.kill()
+            raise RuntimeError(f"the server did not start (see {log.name})")
+        time.sleep(0.5)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value}."""
+    out = {}
+    for ln in text.splitlines():
+        if ln and not ln.startswith("#"):
+            name, _, v = ln.rpartition(" ")
+            out[name] = float(v)
+    return out

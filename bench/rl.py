@@ -8,22 +8,11 @@ of the samples generated, over its last 3 steps; each mode's 3-step moving avera
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-        flags = next(ln for ln in out.splitlines() if ln.startswith("Flags"))
-        isa = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "AVX2"
-        return f"{name} ({isa})"
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from machine import cpu_name  # bench/machine.py (python puts bench/ on sys.path)
 
 
 def smoothed(xs, k=3):

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,14 +25,10 @@ import time
 
 import httpx
 
+from machine import free_port, metric_values, start_server  # bench/machine.py (python puts bench/ on sys.path)
+
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "hello"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ well-formed streams
@@ -190,15 +184,6 @@ async def run(url: str, host: str, port: int, streams: int, max_tokens: int, see
     return results[:streams], results[streams:], wall
 
 
-def metric_values(text: str) -> dict[str, float]:
-    out = {}
-    for ln in text.splitlines():
-        if ln and not ln.startswith("#"):
-            name, _, v = ln.rpartition(" ")
-            out[name] = float(v)
-    return out
-
-
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
@@ -213,24 +198,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    port = _free_port()
+    port = free_port()
     host = "127.0.0.1"
     url = f"http://{host}:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="glm5-load-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "glm5.server.cli", "serve", "--model", args.model, "--port", str(port),
-           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = start_server(port, ["--model", args.model] + (["--threads", str(args.threads)] if args.threads else []),
+                        log)
     try:
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() - t0 > 300:
-                raise RuntimeError(f"the server did not start (see {log.name})")
-            time.sleep(0.5)
         good, bad, wall = asyncio.run(run(url, host, port, args.streams, args.max_tokens, args.seed))
         # The vanished clients' requests are aborted by the server once it notices; give it a moment.
         deadline = time.time() + 30
