@@ -19,6 +19,7 @@ The split is a hash of "a op b", so a heldout problem never appears in train, un
 from __future__ import annotations
 
 import random
+from typing import Iterator
 
 from .common import check_split, draw, rng_for, split_of
 from .example import Example
@@ -104,9 +105,11 @@ def arithmetic_example(a: int, op: str, b: int, template: str) -> Example:
                    meta={"op": op, "digits": max(len(str(a)), len(str(b))), "a": a, "b": b})
 
 
-def arithmetic(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, max_digits: int = 4,
-               min_digits: int = 1) -> list[Example]:
-    """Operand digit counts drawn independently from min_digits..max_digits; the multiplier of '*' is one digit."""
+def problems(split: str, rng: random.Random, ops: tuple[str, ...] = OPS, max_digits: int = 4,
+             min_digits: int = 1) -> Iterator[tuple[int, str, int]]:
+    """(a, op, b) of `split`, drawn from rng one at a time (the caller may draw from rng in between): operand digit
+    counts independent in min_digits..max_digits, the multiplier of '*' one digit. Bad options fail here, not at the
+    first draw."""
     check_split(split)
     if not ops or any(op not in OPS for op in ops):
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
@@ -114,7 +117,6 @@ def arithmetic(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, ma
         raise ValueError(f"max_digits must be in 1..9, got {max_digits}")
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"min_digits must be in 1..max_digits ({max_digits}), got {min_digits}")
-    rng = rng_for("arithmetic", split, seed)
 
     def make(r: random.Random) -> tuple[int, str, int]:
         op = r.choice(ops)
@@ -122,8 +124,18 @@ def arithmetic(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, ma
         b = r.randrange(10) if op == "*" else _number(r, r.randint(min_digits, max_digits))
         return a, op, b
 
+    def gen() -> Iterator[tuple[int, str, int]]:
+        while True:
+            yield draw(rng, lambda p: pair_split(*p) == split, make, f"{split} arithmetic problem")
+
+    return gen()
+
+
+def arithmetic(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = OPS, max_digits: int = 4,
+               min_digits: int = 1) -> list[Example]:
+    """Operand digit counts drawn independently from min_digits..max_digits; the multiplier of '*' is one digit."""
+    rng = rng_for("arithmetic", split, seed)
     out = []
-    for _ in range(n):
-        a, op, b = draw(rng, lambda p: pair_split(*p) == split, make, f"{split} arithmetic problem")
+    for _, (a, op, b) in zip(range(n), problems(split, rng, ops, max_digits, min_digits)):
         out.append(arithmetic_example(a, op, b, rng.choice(TEMPLATES[op])))
     return out

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import random
 
-from .arithmetic import OPS, RESULT, STEPS, _number, pair_split
-from .common import check_split, draw, rng_for
+from .arithmetic import OPS, RESULT, STEPS, problems
+from .common import rng_for
 from .example import Example
 
 # Expression spellings: (text with {a} {b}, kind). "expr" reads as a noun phrase ("what is 3+4"), "verb" as an
@@ -147,22 +147,9 @@ def arithmetic_typed(split: str, n: int, seed: int = 0, ops: tuple[str, ...] = O
                      min_digits: int = 1) -> list[Example]:
     """Arithmetic family examples in typed surface forms; operands as glm5.data.arithmetic draws them (the
     multiplier of '*' one digit)."""
-    check_split(split)
-    if not ops or any(op not in OPS for op in ops):
-        raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
-    if not 1 <= min_digits <= max_digits <= 9:
-        raise ValueError(f"need 1 <= min_digits <= max_digits <= 9, got {min_digits}, {max_digits}")
     rng = rng_for("arithmetic_typed", split, seed)
-
-    def make(r: random.Random) -> tuple[int, str, int]:
-        op = r.choice(ops)
-        a = _number(r, r.randint(min_digits, max_digits))
-        b = r.randrange(10) if op == "*" else _number(r, r.randint(min_digits, max_digits))
-        return a, op, b
-
     out = []
-    for _ in range(n):
-        a, op, b = draw(rng, lambda p: pair_split(*p) == split, make, f"{split} arithmetic problem")
+    for _, (a, op, b) in zip(range(n), problems(split, rng, ops, max_digits, min_digits)):
         question, template = typed_question(rng, split, a, op, b)
         out.append(typed_example(a, op, b, question, template))
     return out
