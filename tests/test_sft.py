@@ -55,6 +55,29 @@ def test_mask_covers_exactly_the_assistant_tokens(tok):
     assert context.endswith("<|assistant|>") and "Be brief." in context and "What is 123 * 456?" in context
 
 
+def test_earlier_turns_whose_reasoning_is_dropped_are_context(tok):
+    """Before the last user message the template drops a turn's reasoning: that turn then reads `</think>answer`
+    where the model, thinking, writes `<think>`, so it is context. A turn without reasoning (thinking off) renders
+    as written and stays a target; everything after the last user message is a target, tool turns included."""
+    chat = [{"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "reasoning_content": "2 + 3 = 5.", "content": "5."},
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello."},
+            *CHAT[1:]]
+    d = chat_doc(tok, chat, [CALC])
+    targets = [text for flag, text in runs(d["ids"], d["loss"], tok) if flag]
+    assert targets == ["</think>Hello.<|user|>",
+                       "<think>Large: use the tool.</think><tool_call>calculator<arg_key>expression</arg_key>"
+                       "<arg_value>123 * 456</arg_value></tool_call><|observation|>",
+                       "<think>The tool says 56088.</think>123 * 456 = 56088.<|endoftext|>"]
+    context = "".join(text for flag, text in runs(d["ids"], d["loss"], tok) if not flag)
+    assert "</think>5.<|user|>" in context  # the first answer, its reasoning dropped, is still in the prompt
+    # the same first turn ending the chat keeps its reasoning and is a target
+    alone = chat_doc(tok, chat[:2])
+    assert [text for flag, text in runs(alone["ids"], alone["loss"], tok) if flag] == [
+        "<think>2 + 3 = 5.</think>5.<|endoftext|>"]
+
+
 def test_packed_labels_follow_the_mask(tok):
     docs = ChatDocs([(CHAT, [CALC]), ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
                                       None)], tok)

@@ -78,8 +78,8 @@ def test_exported_model_loads_and_generates(ci_run):
 def test_report_has_the_eval_table_and_plots(ci_run):
     out, _ = ci_run
     result = json.loads((out / "eval" / "eval.json").read_text())
-    assert {"arithmetic", "world", "unknown", "tool", "chat", "retrieval/sparse", "retrieval/dense"} == \
-        set(result["suites"])
+    assert {"arithmetic", "world", "unknown", "tool", "chat", "retrieval/sparse", "retrieval/dense", "scope"} == \
+        set(result["suites"])  # the recipe's eval_suites
     report = (out / "report.md").read_text()
     assert (out / "eval" / "table.md").read_text().strip() in report
     assert (out / "losses.png").is_file() and "losses.png" in report
@@ -249,11 +249,12 @@ def test_copy_probe_scores_the_repeated_tool_result(ci_run):
 
 def test_full_run_without_fast_bf16_is_warned_about(monkeypatch):
     """A full speedrun on a CPU without fast bf16 trains in fp32, about twice as slowly: said up front. Where bf16 is
-    fast, and for the CI-sized recipe, nothing is said."""
+    fast, and for the CI-sized recipe, nothing is said. A full-size recipe with other data is warned about too."""
     import glm5.speedrun.pipeline as P
-    from glm5.speedrun.recipe import CI, FULL
+    from glm5.speedrun.recipe import CI, FULL, FULL_RELIABLE
 
-    for autocast, recipe, warned in (("none", FULL, True), ("bf16", FULL, False), ("none", CI, False)):
+    for autocast, recipe, warned in (("none", FULL, True), ("bf16", FULL, False), ("none", CI, False),
+                                     ("none", FULL_RELIABLE, True)):
         monkeypatch.setattr(P, "autocast_for", lambda device, a=autocast: a)
         msg = P.platform_warning(recipe, "cpu", autocast)
         assert (msg is not None) == warned and (not warned or "fp32" in msg and "hour" in msg)

@@ -120,8 +120,9 @@ def autocast_for(device: str) -> str:
 
 
 def platform_warning(r: Recipe, device: str, autocast: str) -> str | None:
-    """What a user should know before a full run on this machine with this autocast, or None."""
-    if r.name == FULL.name and autocast == "none" and autocast_for(device) == "none":
+    """What a user should know before a full-size run (FULL's model, whatever its data) on this machine with this
+    autocast, or None."""
+    if r.model == FULL.model and autocast == "none" and autocast_for(device) == "none":
         return ("this CPU has no fast bf16 (neither AMX nor AVX512-BF16): the speedrun trains in fp32, about twice as "
                 "slowly as in bf16 (on 2 AVX2 cores about an hour, not 30 minutes: 58-69 minutes at 2 threads), and "
                 "trains another model than the shipped one, which was trained in bf16")
@@ -365,7 +366,7 @@ def stage_eval(run: SpeedrunState, name: str, on_step) -> dict:
     model = load_model(run.out / "model", dtype=torch.float32)
     tok = Tokenizer.from_dir(run.out / "model")
     result = evaluate(model, tok, n=r.eval_n, seed=r.seed + 1000, max_tokens=r.eval_max_tokens,
-                      retrieval_lengths=r.eval_retrieval, progress=False)
+                      families=r.eval_suites, retrieval_lengths=r.eval_retrieval, progress=False)
     (run.out / "eval").mkdir(parents=True, exist_ok=True)
     (run.out / "eval" / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     (run.out / "eval" / "table.md").write_text(format_table(result) + "\n")

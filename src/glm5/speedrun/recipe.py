@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..data.example import FAMILIES
+
 
 # The training stages in the order they run, each a Stage of the Recipe, and the loss each trains with (glm5.train's
 # stages): dsa_align is the warm-up's indexer-only KL again, after the SFT, so that the indexers pick the keys the
@@ -75,6 +77,8 @@ class Recipe:
     sft_chats: dict = field(default_factory=lambda: {
         "arithmetic": 6000, "world": 1600, "unknown": 800, "tool": 600, "chat": 150, "retrieval": 480})
     eval_n: int = 100  # held-out examples per family but retrieval
+    # held-out suites of the eval stage: glm5.data families, generators or variants (see glm5.data.VARIANTS)
+    eval_suites: tuple = FAMILIES
     # Retrieval examples per context length (split over depths 0.1 / 0.5 / 0.9). At the longest trained length
     # (1024) the eval compares sparse with dense, and "within 5 points" needs a few hundred: the paired 95% interval
     # of the difference is about +-5 points at 300 (+-16 at 33). Past it, a look at extrapolation: 5 per depth (11
@@ -118,6 +122,7 @@ CI = replace(
     mixture=dict(FULL.mixture), pretrain_retrieval_tokens=(64, 100), long_retrieval_tokens=(100, 150),
     sft_chats={"arithmetic": 12, "world": 8, "unknown": 4, "tool": 4, "chat": 4, "retrieval": 2},
     eval_n=3, eval_retrieval={128: 3}, eval_max_tokens=24, index_topk=16,
+    eval_suites=FULL.eval_suites + ("scope",),  # a suite beyond the default ones, as full_reliable adds
     rl=RLStage(steps=2, groups_per_step=2, group_size=4, lr=1e-4, max_tokens=24),
 )
 
@@ -126,6 +131,12 @@ CI = replace(
 # not train on them yet: the `full_reliable` recipe is FULL with them added to its SFT, nothing else changed, so at
 # FULL's 260 SFT steps each chat is seen ~1.2 times instead of ~2.3.
 RELIABLE_SFT_CHATS = {"arithmetic_typed": 2000, "multiturn": 1200, "nothink": 1500, "scope": 1000, "tool_choice": 800}
-FULL_RELIABLE = replace(FULL, name="full_reliable", sft_chats={**FULL.sft_chats, **RELIABLE_SFT_CHATS})
+# Its eval adds the held-out suites those chats are for, at 200 examples a suite (each target is judged at n >= 200):
+# 3-4-digit operands, unseen wordings, thinking off (the same questions as the thinking-on suites), later turns,
+# out-of-scope requests and user-declared tools.
+RELIABLE_EVAL_SUITES = ("arithmetic_long", "arithmetic_typed", "arithmetic_nothink", "world_nothink", "chat_nothink",
+                        "multiturn", "scope", "tool_choice")
+FULL_RELIABLE = replace(FULL, name="full_reliable", sft_chats={**FULL.sft_chats, **RELIABLE_SFT_CHATS},
+                        eval_n=200, eval_suites=FULL.eval_suites + RELIABLE_EVAL_SUITES)
 
 RECIPES = {"full": FULL, "ci": CI, "full_reliable": FULL_RELIABLE}

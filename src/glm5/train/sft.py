@@ -6,8 +6,11 @@ What the assistant writes, per assistant turn: its reasoning block, its content 
 renderer marks as inside the turn), plus the one token that ends the turn (the next turn's `<|user|>` or
 `<|observation|>`, or `<|endoftext|>` appended after the last turn): the model must learn to stop. The system
 prompt, the user turns, the tool results and the `<|assistant|>` tag itself are context, never targets.
-Multi-turn chats render as the template does: the reasoning of turns before the last user message is dropped, so
-those turns are trained to answer without thinking, as the model sees them in a later prompt.
+Multi-turn chats render as the template does: the reasoning of turns before the last user message is dropped. A turn
+that had reasoning is then context, not a target: its rendering (`</think>` and the answer) starts where the model,
+with thinking on, writes `<think>`, so training it would teach the model to skip thinking after a first question.
+Every turn can still be a target: in a chat that ends on it. Earlier turns without reasoning (thinking off) render
+as written and stay targets.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..chat import render_chat
+from ..chat import normalize_messages, render_chat
 from ..tokenizer import Tokenizer
 from .data import DataError
 
@@ -27,6 +30,8 @@ def chat_doc(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = No
     """{"ids": [...], "loss": [...]} for one conversation (see the module docstring for what is a target)."""
     r = render_chat(tok, messages, tools, add_generation_prompt=False, template="builtin")
     ids, gen = list(r.ids), list(r.assistant_mask)
+    for start, end in _turns_with_dropped_reasoning(normalize_messages(messages), gen):
+        gen[start:end] = [False] * (end - start)
     if messages and messages[-1].get("role") == "assistant":
         ids.append(tok.token_id(END_OF_TEXT))
         gen.append(False)
@@ -35,6 +40,23 @@ def chat_doc(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = No
     # <|endoftext|>): the model learns to stop there. Another tag after an assistant turn is context.
     loss = [g or (i > 0 and gen[i - 1] and ids[i] in stops) for i, g in enumerate(gen)]
     return {"ids": ids, "loss": loss}
+
+
+def _turns_with_dropped_reasoning(msgs: list[dict], gen: list[bool]) -> list[tuple[int, int]]:
+    """Token spans [start, end) of the assistant turns before the last user message that carry reasoning. The
+    renderer marks each assistant turn as one run of assistant-mask tokens (`</think>` at least; the `<|assistant|>`
+    tag between turns is not in the mask), so the i-th run is the i-th assistant message."""
+    runs, start = [], None
+    for i, g in enumerate(gen + [False]):
+        if g and start is None:
+            start = i
+        elif not g and start is not None:
+            runs.append((start, i))
+            start = None
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert len(runs) == len(turns), "one run of assistant tokens per assistant message"
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
+    return [span for span, i in zip(runs, turns) if i < last_user and msgs[i].get("reasoning_content")]
 
 
 class ChatDocs:
