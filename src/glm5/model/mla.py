@@ -9,6 +9,8 @@ shared key (R = qk_rope_head_dim), 576 wide in GLM-5. Two equal ways to attend o
 And two equal ways to apply the indexer's top-k:
   - mask: attend over all S keys with the non-selected ones masked;
   - gather: gather only the K selected latents per query (cost flat in S once S > K).
+Both go query block by query block, so that no per-call buffer grows with T x S: a 2048-token prefill chunk against
+128K cached keys holds [t, s] masks and [t, K, L] rows for one block of t queries at a time.
 
 Letters: B batch, T queries, S key slots, K kept keys, H heads, N nope dim, R rope dim, V value dim,
 C latent dim, L = C + R, Q q_lora_rank.
@@ -23,11 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .dsa import QUERY_BLOCK, Indexer, key_ends, select_topk
+from .dsa import QUERY_BLOCK, Indexer, key_ends, select_topk, visible_at, visible_block
 from .layers import RMSNorm, apply_rope
 
 ATTN_IMPLS = ("auto", "expanded", "absorbed")
 DSA_IMPLS = ("auto", "mask", "gather", "off")  # "off": dense attention over every visible key
+# auto: a multi-token call gathers its top-k rows once its queries see this many times K keys on average. Below, one
+# masked SDPA call per query block over every visible key is cheaper than K gathered rows per query (`small` preset,
+# 2048-token chunks: the two cost the same near 8-10 K keys per query, gather 3x less at 32 K).
+GATHER_FROM = 8
+# per query block: [B, t, K, L] gathered rows, or [B, t, s] attention masks, of at most this many elements (16 MB)
+BLOCK_ELEMS = 4 * 1024 * 1024
 
 
 @dataclass
@@ -36,7 +44,8 @@ class AttnContext:
 
     cos: torch.Tensor  # [B, T, R/2] for the query positions
     sin: torch.Tensor
-    visible_BTS: torch.Tensor  # bool: key slot s is causally visible to query t (and in the same document)
+    visible_BTS: object  # bool [B, T, S]: key slot s is visible to query t (causal, same document), or a
+    # dsa.SlotVisibility that says the same without building the mask (read through dsa.visible_block / visible_at)
     key_end_T: list  # [T] 1 + last key slot query t can see: query blocks never look past it
     cache: object | None = None  # .update(layer, latent_BTL, ikey_BTd | None) -> (latent_BSL, ikey_BSd | None)
     attn_impl: str = "auto"
@@ -61,10 +70,13 @@ class ForwardAux:
     router: dict = field(default_factory=dict)  # layer -> (topk_expert_idx [N, k], router_logits [N, E])
 
 
-def resolve_dsa(dsa_impl: str, T: int) -> str:
-    """Decode-sized steps gather the K chosen latents (cost flat in S); long prefill masks all S keys and lets one
-    fused SDPA call per query block do the work (gathering K rows per query costs T*K*L memory traffic)."""
-    return ("gather" if T <= 16 else "mask") if dsa_impl in ("auto", "off") else dsa_impl
+def resolve_dsa(dsa_impl: str, T: int, keys_per_query: float = 0.0, k: int = 1) -> str:
+    """Decode-sized steps gather the K chosen latents (cost flat in S). A multi-token call gathers too once its
+    queries see GATHER_FROM x K keys on average (a prefill chunk deep into a long context: masked attention there
+    costs O(T x S)); shorter prefill masks all its keys and lets one fused SDPA call per query block do the work."""
+    if dsa_impl not in ("auto", "off"):
+        return dsa_impl
+    return "gather" if T <= 16 or keys_per_query > GATHER_FROM * k else "mask"
 
 
 class MLAttention(nn.Module):
@@ -99,9 +111,9 @@ class MLAttention(nn.Module):
         ik_BTd = self.indexer.keys(x_idx, ctx.cos, ctx.sin) if self.indexer is not None else None
         S = ctx.visible_BTS.shape[-1]
         sparse = ctx.dsa_impl != "off" and S > self.index_topk
-        dsa_impl = resolve_dsa(ctx.dsa_impl, T)
-        # Sparse decode from a cache that can gather rows: never materialise all S latent rows, read only the top-k
-        # (per-step cost flat in context apart from the index-key scan).
+        dsa_impl = resolve_dsa(ctx.dsa_impl, T, sum(ctx.key_end_T) / max(1, T) if sparse else 0.0, self.index_topk)
+        # Sparse attention from a cache that can gather rows: never materialise all S latent rows, read only the
+        # top-k of each query (per-step cost flat in context apart from the index-key scan).
         rows_only = sparse and dsa_impl == "gather" and hasattr(ctx.cache, "gather_latent") \
             and not (aux is not None and aux.want_attn_probs)
         if ctx.cache is not None:
@@ -125,16 +137,10 @@ class MLAttention(nn.Module):
                 aux.attn_probs[self.layer_idx] = self.attn_probs(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS,
                                                                  topk_BTK, ctx.key_end_T)
 
-        rows_BTKL = ctx.cache.gather_latent(self.layer_idx, topk_BTK) if rows_only else None
+        gather = (lambda idx_BtK: ctx.cache.gather_latent(self.layer_idx, idx_BtK)) if rows_only else None
         o_BTHV = self.attend(q_nope_BTHN, q_rope_BTHR, lat_BSL, ctx.visible_BTS, topk_BTK, ctx.attn_impl, dsa_impl,
-                             ctx.key_end_T, rows_BTKL)
+                             ctx.key_end_T, gather)
         return self.o_proj(o_BTHV.flatten(2)), topk_BTK
-
-    @staticmethod
-    def keep_mask(visible_BTS, topk_BTK):
-        if topk_BTK is None:
-            return visible_BTS
-        return visible_BTS & torch.zeros_like(visible_BTS).scatter_(-1, topk_BTK, True)
 
     @torch.no_grad()
     def attn_probs(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, key_end_T):
@@ -152,33 +158,33 @@ class MLAttention(nn.Module):
             s1 = max(1, int(max(key_end_T[t0:t1])))
             s_BtHs = torch.einsum("bthl,bsl->bths", q_BTHL[:, t0:t1], lat_BSL[:, :s1]) * self.scale
             if topk_BTK is None:
-                keep_Bt1s = visible_BTS[:, t0:t1, None, :s1]
+                keep_Bt1s = visible_block(visible_BTS, t0, t1, s1)[:, :, None]
             else:  # picks past s1 are invisible fillers (rows that see fewer than K keys): masked below
                 idx_BtK = topk_BTK[:, t0:t1]
                 s_BtHs = s_BtHs.gather(-1, idx_BtK.clamp(max=s1 - 1)[:, :, None].expand(-1, -1, H, -1))
-                keep_Bt1s = visible_BTS[:, t0:t1].gather(-1, idx_BtK)[:, :, None]
+                keep_Bt1s = visible_at(visible_BTS, idx_BtK, t0)[:, :, None]
             p = s_BtHs.masked_fill(~keep_Bt1s, float("-inf")).softmax(-1).nan_to_num(0.0)
             out[:, t0:t1, :s_BtHs.shape[-1]] = p.sum(2) / H
         return out
 
     # -- attention over the latent ----------------------------------------------------------------------------
     def attend(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl="auto", dsa_impl="auto",
-               key_end_T=None, rows_BTKL=None):
+               key_end_T=None, gather=None):
+        """Attention output [B, T, H, V]. gather(idx [B, t, K]) -> latent rows [B, t, K, L], when given, reads the
+        top-k rows from the cache (lat_BSL is then None); otherwise they are indexed out of lat_BSL."""
         T = q_nope_BTHN.shape[1]
         if attn_impl not in ATTN_IMPLS or dsa_impl not in DSA_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, dsa_impl one of {DSA_IMPLS}")
-        dsa_impl = resolve_dsa(dsa_impl, T)
+        key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T
+        if topk_BTK is not None:
+            dsa_impl = resolve_dsa(dsa_impl, T, sum(key_end_T) / max(1, T), topk_BTK.shape[-1])
+        else:
+            dsa_impl = resolve_dsa(dsa_impl, T)
         if attn_impl == "auto":
             attn_impl = "absorbed" if (dsa_impl == "gather" or T <= 16) else "expanded"
         if topk_BTK is not None and dsa_impl == "gather":
-            if rows_BTKL is None:
-                b_B11 = torch.arange(lat_BSL.shape[0], device=lat_BSL.device)[:, None, None]
-                rows_BTKL = lat_BSL[b_B11, topk_BTK]
-            keep_BTK = visible_BTS.gather(-1, topk_BTK)
-            return self._attend_rows(q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl)
-        key_end_T = key_ends(visible_BTS) if key_end_T is None else key_end_T
-        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, self.keep_mask(visible_BTS, topk_BTK), attn_impl,
-                                   key_end_T)
+            return self._attend_gathered(q_nope_BTHN, q_rope_BTHR, lat_BSL, gather, visible_BTS, topk_BTK, attn_impl)
+        return self._attend_shared(q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl, key_end_T)
 
     def _w_kv(self):
         w_HXC = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.latent)
@@ -197,8 +203,11 @@ class MLAttention(nn.Module):
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_k)
         return torch.cat([q_lat_BTHC, q_rope_BTHR], dim=-1)  # [B, T, H, L]
 
-    def _attend_shared(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, keep_BTS, attn_impl, key_end_T):
-        """All queries see the same S key slots, masked per query: SDPA per query block."""
+    def _attend_shared(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl, key_end_T):
+        """All queries see the same S key slots, masked per query (visibility, and the top-k when given): SDPA per
+        query block, each over the keys up to its last visible one, with a [B, t, s] mask of at most BLOCK_ELEMS."""
+        s_max = max(1, int(max(key_end_T)))
+        lat_BSL = lat_BSL[:, :s_max]  # keys past every query's last visible one are never read
         if attn_impl == "expanded":
             k_BSHE, v_BSHV = self._expand(lat_BSL)
             q_BHTE = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1).transpose(1, 2)
@@ -211,23 +220,53 @@ class MLAttention(nn.Module):
         E, V = q_BHTE.shape[-1], v_BHSV.shape[-1]
         if V < E:  # CPU SDPA takes its fused (flash) kernel only when q, k, v share a head dim: pad v (4x here)
             v_BHSV = F.pad(v_BHSV, (0, E - V))
-        T = q_BHTE.shape[2]
+        B, _, T, _ = q_BHTE.shape
         # Additive mask, finite: a query with nothing kept stays finite (SDPA's bool masks take a slower path here).
         neg = torch.tensor(torch.finfo(q_BHTE.dtype).min, dtype=q_BHTE.dtype, device=q_BHTE.device)
         zero = torch.zeros((), dtype=q_BHTE.dtype, device=q_BHTE.device)
         o_BHTE = q_BHTE.new_empty(q_BHTE.shape)
-        for t0 in range(0, T, QUERY_BLOCK):  # query blocks stop at their last visible key: causal work halves
-            t1 = min(T, t0 + QUERY_BLOCK)
+        step = max(1, min(QUERY_BLOCK, BLOCK_ELEMS // (B * s_max)))
+        for t0 in range(0, T, step):  # query blocks stop at their last visible key: causal work halves
+            t1 = min(T, t0 + step)
             s1 = max(1, int(max(key_end_T[t0:t1])))
-            bias_B1tS = torch.where(keep_BTS[:, None, t0:t1, :s1], zero, neg)
+            keep_Bts = visible_block(visible_BTS, t0, t1, s1)
+            if topk_BTK is not None:
+                # picks at or past s1 are invisible fillers: they land in an extra column, dropped
+                chosen_Bts = torch.zeros_like(keep_Bts[..., :1]).expand(-1, -1, s1 + 1).clone()
+                chosen_Bts.scatter_(-1, topk_BTK[:, t0:t1].clamp(max=s1), True)
+                keep_Bts = keep_Bts & chosen_Bts[..., :s1]
+            bias_B1ts = torch.where(keep_Bts[:, None], zero, neg)
             o_BHTE[:, :, t0:t1] = F.scaled_dot_product_attention(
-                q_BHTE[:, :, t0:t1], k_BHSE[:, :, :s1], v_BHSV[:, :, :s1], attn_mask=bias_B1tS,
+                q_BHTE[:, :, t0:t1], k_BHSE[:, :, :s1], v_BHSV[:, :, :s1], attn_mask=bias_B1ts,
                 scale=self.scale, enable_gqa=gqa)
         o_BHTV = o_BHTE[..., :V]
         if attn_impl == "expanded":
             return o_BHTV.transpose(1, 2)  # [B, T, H, V]
         _, w_v = self._w_kv()
         return torch.einsum("bhtc,hvc->bthv", o_BHTV, w_v)
+
+    def _attend_gathered(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, gather, visible_BTS, topk_BTK, attn_impl):
+        """Each query attends over its own K top-k latent rows, gathered one query block at a time (never all
+        [B, T, K, L] rows of a long prefill chunk at once)."""
+        B, T, K = topk_BTK.shape
+        per_row = lat_BSL.shape[-1] if lat_BSL is not None else self.latent + self.rope
+        if attn_impl == "expanded":  # each gathered row expands to H keys and values
+            per_row += self.n_heads * (self.nope + self.rope + self.v_dim)
+        step = max(1, min(QUERY_BLOCK, BLOCK_ELEMS // (B * K * per_row)))
+        b_B11 = torch.arange(B, device=topk_BTK.device)[:, None, None]
+        o_BTHV = None
+        for t0 in range(0, T, step):
+            t1 = min(T, t0 + step)
+            idx_BtK = topk_BTK[:, t0:t1]
+            rows_BtKL = gather(idx_BtK) if gather is not None else lat_BSL[b_B11, idx_BtK]
+            o_BtHV = self._attend_rows(q_nope_BTHN[:, t0:t1], q_rope_BTHR[:, t0:t1], rows_BtKL,
+                                       visible_at(visible_BTS, idx_BtK, t0), attn_impl)
+            if t1 - t0 == T:
+                return o_BtHV
+            if o_BTHV is None:
+                o_BTHV = o_BtHV.new_empty(B, T, *o_BtHV.shape[2:])
+            o_BTHV[:, t0:t1] = o_BtHV
+        return o_BTHV
 
     def _attend_rows(self, q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl):
         """Each query has its own K gathered latent rows."""
