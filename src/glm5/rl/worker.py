@@ -69,10 +69,13 @@ class RolloutWorker:
         from .rollout import Rollout
 
         self.cfg = cfg
+        # the reward and hook modules first: a module may set torch's threads when imported, and the engine's are
+        # cfg.threads (more than its share of the cores makes OpenMP threads wait on each other)
+        fn = load_reward_fn(cfg.reward)
+        self.generate_fn = load_function(cfg.generate, "rollout hook") if cfg.generate else None
         torch.set_num_threads(cfg.threads)
         loaded = load(cfg.model, tokenizer_dir=cfg.tokenizer)
         self.tok = loaded.tokenizer
-        fn = load_reward_fn(cfg.reward)
 
         def score(s):
             rs = RewardSample(s.uid, s.example, s.output, s.finish_reason, s.ids[: s.prompt_len],
@@ -89,7 +92,6 @@ class RolloutWorker:
         self.rollout = Rollout(self.engine, self.tok, max_tokens=cfg.max_tokens, max_tool_rounds=cfg.max_tool_rounds,
                                temperature=cfg.temperature, score=score)
         self.busy_s = self.idle_s = 0.0
-        self.generate_fn = load_function(cfg.generate, "rollout hook") if cfg.generate else None
         self.score = score
         self._hooked: list = []  # groups a rollout hook finished, sent at the next poll
 
