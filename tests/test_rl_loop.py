@@ -300,6 +300,10 @@ def test_bad_options_fail_before_the_run_with_one_clear_line(ckpt, tmp_path):
         (dict(backend="slurm"), "--backend 'slurm': expected one of local, ray"),
         (dict(rollout_workers=2), "--rollout-workers 2 needs --backend ray"),
         (dict(ray_address="10.0.0.1:6379"), "--ray-address 10.0.0.1:6379 needs --backend ray"),
+        (dict(trainer_ranks=2), "--trainer-ranks 2 needs --backend ray"),
+        (dict(trainer_ranks=0), "--trainer-ranks 0: must be >= 1"),
+        # 2 groups a step: a batch may hold only 4 samples, and each rank needs one
+        (dict(backend="ray", trainer_ranks=5), "--trainer-ranks 5: each rank trains on at least one sample"),
     ]
     for kw, msg in cases:
         with pytest.raises(RLError, match=msg.replace("(", r"\(")) as e:

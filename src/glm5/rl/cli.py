@@ -44,7 +44,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--rollout-threads", type=int, default=None, help="threads of each rollout engine (default: the "
                    "cores left to rollout, shared among --rollout-workers)")
-    p.add_argument("--train-threads", type=int, default=None)
+    p.add_argument("--train-threads", type=int, default=None, help="threads of each trainer rank (default: the cores "
+                   "left to training, shared among --trainer-ranks)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--resume", default="", help="'auto' (the newest checkpoint under --out-dir) or a checkpoint")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="where the rollout workers run: local (one "
@@ -53,6 +54,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "default: start Ray on this machine")
     p.add_argument("--rollout-workers", type=int, default=d.rollout_workers,
                    help="ray: rollout workers, one engine each (--rollout-threads threads and as many Ray CPUs each)")
+    p.add_argument("--trainer-ranks", type=int, default=d.trainer_ranks,
+                   help="ray: > 1 trains in W Ray actors under DDP (gloo), each on 1/W of every batch and reserving "
+                        "--train-threads Ray CPUs; 1: the trainer is this process")
     p.add_argument("--eval-n", type=int, default=0, help="evaluate before and after on n held-out examples per "
                    "family (0: no eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,6 +81,7 @@ def cmd_rl(args) -> int:
                    rollout_threads=args.rollout_threads, train_threads=args.train_threads,
                    checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet,
                    backend=args.backend, ray_address=args.ray_address, rollout_workers=args.rollout_workers,
+                   trainer_ranks=args.trainer_ranks,
                    train=RLTrainConfig(lr=args.lr, correction=args.correction, std_normalize=args.std_normalize,
                                        mtp_weight=args.mtp_weight))
     try:

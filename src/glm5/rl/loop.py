@@ -8,7 +8,9 @@ the oldest B groups as soon as they are there, and pushes its weights to the wor
 Where the workers live is the backend, and the loop sees it only through a WorkerPool: `local` is one worker
 process beside the driver (glm5.rl.worker.LocalWorker); `ray` is R workers as Ray actors on any nodes of a cluster,
 weights through the object store, a dead worker restarted and its unfinished groups started again
-(glm5.rl.ray_backend.RayPool). Both run this same loop; with R = 1 they train the same weights bit for bit.
+(glm5.rl.ray_backend.RayPool). Both run this same loop; with R = 1 they train the same weights bit for bit. On Ray
+the trainer may be W > 1 ranks, Ray actors under DDP (glm5.rl.ray_trainer.TrainerGroup), each training on 1/W of
+every batch with the same train_step; the driver then keeps a copy of rank 0's weights to push and export.
 
     mode           tau (max staleness)   weights reach the engine
     sync           0                     after the rollout drained: rollout, then train, then rollout ...
@@ -42,7 +44,7 @@ from typing import Protocol
 import torch
 
 from .buffer import Group, RolloutBuffer
-from .trainer import RLTrainConfig, make_optimizer, train_step
+from .trainer import RLTrainConfig, load_state, make_optimizer, save_state, train_step
 from .worker import LocalWorker, RLError, WorkerConfig
 
 log = logging.getLogger("glm5.rl")
@@ -83,6 +85,7 @@ class RLConfig:
     backend: str = "local"  # where the rollout workers live: "local" (one process) or "ray" (actors)
     ray_address: str | None = None  # ray: join this cluster (HOST:PORT, ray://HOST:PORT, auto); None starts one here
     rollout_workers: int = 1  # R, ray only
+    trainer_ranks: int = 1  # W, ray only: > 1 trains in W Ray actors under DDP (glm5.rl.ray_trainer)
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     progress: bool = True
 
@@ -113,6 +116,16 @@ def check_config(cfg: RLConfig) -> None:
     elif cfg.backend == "local" and cfg.rollout_workers > 1:
         problems.append(f"--rollout-workers {cfg.rollout_workers} needs --backend ray (the local backend runs one "
                         f"rollout worker)")
+    B = cfg.groups_per_step
+    if cfg.trainer_ranks < 1:
+        problems.append(f"--trainer-ranks {cfg.trainer_ranks}: must be >= 1")
+    elif cfg.trainer_ranks > 1 and cfg.backend != "ray":
+        problems.append(f"--trainer-ranks {cfg.trainer_ranks} needs --backend ray (the ranks are Ray actors; the "
+                        f"local backend trains in the driver, one rank)")
+    elif cfg.trainer_ranks > 2 * B:
+        # a group whose reward failed on all but two samples is still trained: a batch may hold only 2 B samples
+        problems.append(f"--trainer-ranks {cfg.trainer_ranks}: each rank trains on at least one sample, and a batch "
+                        f"of --groups-per-step {B} groups may hold as few as {2 * B} (two scored samples a group)")
     if cfg.backend == "local" and cfg.ray_address:
         problems.append(f"--ray-address {cfg.ray_address} needs --backend ray")
     if cfg.group_size < 2:
@@ -206,14 +219,17 @@ class RLRun:
         self.out.mkdir(parents=True, exist_ok=True)
         cores = os.cpu_count() or 1
         split = cfg.staleness() > 0  # rollout and training overlap: each its own cores
-        self.train_threads = cfg.train_threads or (max(1, cores // 2) if split else cores)
-        # per rollout worker; the Ray backend reserves as many CPUs for each (num_cpus)
+        train_cores = max(1, cores // 2) if split else cores
+        # per trainer rank and per rollout worker; the Ray backend reserves as many CPUs for each (num_cpus)
+        self.train_threads = cfg.train_threads or max(1, train_cores // cfg.trainer_ranks)
         self.rollout_threads = cfg.rollout_threads or max(
-            1, (max(1, cores - self.train_threads) if split else cores) // cfg.rollout_workers)
+            1, (max(1, cores - self.train_threads * cfg.trainer_ranks) if split else cores) // cfg.rollout_workers)
         torch.set_num_threads(self.train_threads)
         loaded = load(cfg.model, tokenizer_dir=cfg.tokenizer)
         self.model, self.tok = loaded.model.float(), loaded.tokenizer
-        self.opt = make_optimizer(self.model, cfg.train)
+        # W > 1: the ranks hold the optimizer; the driver's model is the copy it pushes and exports
+        self.opt = make_optimizer(self.model, cfg.train) if cfg.trainer_ranks == 1 else None
+        self.trainers = None  # the TrainerGroup of W > 1 ranks, while run() runs
         self.tau = cfg.staleness()
         self.buffer = RolloutBuffer(self.tau, cfg.dynamic_sampling)
         B = cfg.groups_per_step
@@ -241,17 +257,12 @@ class RLRun:
                 "groups_requeued": self.groups_requeued, "buffer": self.buffer.state_dict(), "config": asdict(self.cfg)}
 
     def save(self) -> Path:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        from ..train import checkpoint as ckpt
-
-        osd = get_optimizer_state_dict(self.model, self.opt, options=StateDictOptions(full_state_dict=True))
-        return ckpt.save(self.ckpt_root, self.step, self.model, osd, [ckpt.rng_state()], {"rl": self._state()},
-                         self.cfg.keep_last)
+        """A checkpoint, written by whoever holds the optimizer: this process, or trainer rank 0."""
+        if self.trainers is not None:
+            return self.trainers.save(self.ckpt_root, self.step, self._state(), self.cfg.keep_last)
+        return save_state(self.ckpt_root, self.step, self.model, self.opt, self._state(), self.cfg.keep_last)
 
     def _resume(self) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         from ..train import checkpoint as ckpt
 
         path = ckpt.resolve(self.cfg.resume, self.ckpt_root)
@@ -266,10 +277,7 @@ class RLRun:
         if st["config"]["mode"] != self.cfg.mode or st["config"]["families"] != list(self.cfg.families):
             raise RLError(f"glm5 rl: {path} was written with --mode {st['config']['mode']} --families "
                           f"{','.join(st['config']['families'])}; resume with the same")
-        ckpt.load_model_weights(self.model, path)
-        set_optimizer_state_dict(self.model, self.opt, saved["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        ckpt.set_rng_state(saved["rng"][0])
+        load_state(path, saved, self.model, self.opt)  # W > 1: the ranks load the optimizer themselves
         self.buffer.load_state_dict(st["buffer"])
         self.step, self.pushed, self.next_prompt = st["step"], st["step"], st["next_prompt"]
         self.redo = deque(st["inflight"])
@@ -407,8 +415,17 @@ class RLRun:
         if cfg.backend == "ray":
             from .ray_backend import RayPool
 
-            return RayPool(wcfg, cfg.rollout_workers, cfg.ray_address)
+            trainer_cpus = self.train_threads * cfg.trainer_ranks if cfg.trainer_ranks > 1 else 0
+            return RayPool(wcfg, cfg.rollout_workers, cfg.ray_address, other_cpus=trainer_cpus)
         return LocalWorker(wcfg)
+
+    def _start_trainers(self):
+        """W > 1: the trainer ranks, on the Ray cluster the pool joined (glm5.rl.ray_trainer)."""
+        from .ray_trainer import TrainerGroup
+
+        log.info("rl: %d trainer ranks, %d threads each", self.cfg.trainer_ranks, self.train_threads)
+        return TrainerGroup(self.cfg.model, self.cfg.tokenizer, self.cfg.train, self.cfg.trainer_ranks,
+                            self.train_threads, resume=str(self.resumed_from) if self.resumed_from else None)
 
     def run(self, on_step=None) -> dict:
         """Train to cfg.steps; on_step(record) after each step (the record metrics.jsonl gets)."""
@@ -421,6 +438,8 @@ class RLRun:
                    dynamic_ncols=True)
         totals = Counter()
         try:
+            if cfg.trainer_ranks > 1:
+                self.trainers = self._start_trainers()
             self._push(pool)  # the engines start from the trainer's weights (a resumed run's, too)
             stats = _new_stats()
             t_wait = 0.0
@@ -454,12 +473,16 @@ class RLRun:
                     self.save()
         finally:
             bar.close()
+            if self.trainers is not None:
+                self.trainers.stop()
+                self.trainers = None
             pool_info = pool.stop()
         self.buffer.check()
         samples = self.sample_counts()
         self.export(self.out / "model")
         wall = time.perf_counter() - t_start
-        summary = {"mode": cfg.mode, "backend": cfg.backend, "steps": self.step, "seconds": round(wall, 2),
+        summary = {"mode": cfg.mode, "backend": cfg.backend, "trainer_ranks": cfg.trainer_ranks, "steps": self.step,
+                   "seconds": round(wall, 2),
                    "buffer": self.buffer.stats(), "samples": samples, "skipped_samples": self.skipped_samples,
                    "dropped_failed": self.dropped_failed, "groups_requeued": self.groups_requeued,
                    "worker_restarts": pool.restarts, "workers": pool_info.get("workers", []),
@@ -475,13 +498,18 @@ class RLRun:
         from ..train import checkpoint as ckpt
 
         try:
-            return train_step(self.model, self.opt, batch, self.cfg.train)
+            if self.trainers is None:
+                return train_step(self.model, self.opt, batch, self.cfg.train)
+            stats, state_dict = self.trainers.step(batch)
+            self.model.load_state_dict(state_dict)  # rank 0's new weights: what the workers get, and the export
+            return stats
         except Exception as e:
             log.error("the trainer failed at step %d", self.step + 1, exc_info=True)
             last = ckpt.resolve("auto", self.ckpt_root)
             where = f"resume from {last} with --resume auto" if last else "no checkpoint yet: start again"
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise TrainerFailed(f"glm5 rl: the trainer failed at step {self.step + 1} ({type(e).__name__}: "
+            cause = getattr(e, "cause", None) or e  # a trainer rank's exception, not Ray's wrapper of it
+            first = (str(cause).strip().splitlines() or [""])[0]
+            raise TrainerFailed(f"glm5 rl: the trainer failed at step {self.step + 1} ({type(cause).__name__}: "
                                 f"{first}); the run stopped; {where}") from e
 
     def _record(self, batch, tstats, stats, t_train, t_wait, push_s, elapsed, restarts) -> dict:

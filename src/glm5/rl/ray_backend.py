@@ -19,10 +19,10 @@ workers live and how weights travel.
   loop starts them again. A group reaches the driver whole, in one reply, so a lost group has no sample trained and
   a group that arrived is never started again.
 
-The trainer stays in the driver process (one rank); the driver keeps the buffer and the version counters. Every node
-opens the checkpoint directory itself (--model and --tokenizer must be paths all nodes see, as on a shared file
-system), and imports the reward and rollout-hook modules (Ray puts the driver's working directory on the workers'
-import path).
+The trainer is the driver process (one rank), or W > 1 ranks as Ray actors under DDP (glm5.rl.ray_trainer); the
+driver keeps the buffer and the version counters either way. Every node opens the checkpoint directory itself
+(--model and --tokenizer must be paths all nodes see, as on a shared file system), and imports the reward and
+rollout-hook modules (Ray puts the driver's working directory on the workers' import path).
 """
 
 from __future__ import annotations
@@ -154,11 +154,12 @@ class _Slot:
 
 class RayPool:
     """R rollout workers as Ray actors; the glm5.rl.loop.WorkerPool interface. Joins the cluster at `address`, or
-    starts Ray here with exactly the CPUs the workers reserve when there is none, unless this process is connected
-    already; it disconnects at stop() only what it connected."""
+    starts Ray here with exactly the CPUs the workers reserve, plus `other_cpus` for the run's other actors (the
+    trainer ranks, glm5.rl.ray_trainer), when there is none, unless this process is connected already; it
+    disconnects at stop() only what it connected."""
 
     def __init__(self, cfg: WorkerConfig, n: int, address: str | None = None, ready_timeout: float = 600.0,
-                 health_timeout: float = 60.0, max_restarts: int | None = None):
+                 health_timeout: float = 60.0, max_restarts: int | None = None, other_cpus: int = 0):
         ray = self.ray = import_ray()
         self.cfg, self.n = cfg, n
         self.ready_timeout, self.health_timeout = ready_timeout, health_timeout
@@ -169,15 +170,16 @@ class RayPool:
                 if address:
                     ray.init(address=address)
                 else:
-                    ray.init(num_cpus=n * cfg.threads, include_dashboard=False)
+                    ray.init(num_cpus=n * cfg.threads + other_cpus, include_dashboard=False)
             except Exception as e:  # noqa: BLE001 -- ConnectionError, RuntimeError, ValueError: one line either way
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 where = f"--ray-address {address}: cannot join the Ray cluster" if address else "cannot start Ray"
                 raise RLError(f"glm5 rl: {where} ({first})") from None
         cpus = ray.cluster_resources().get("CPU", 0)
-        if cpus < n * cfg.threads:  # an autoscaler may add nodes; a fixed cluster never will
-            log.warning("rl: the Ray cluster has %g CPUs and %d rollout workers reserve %d each: some wait for more "
-                        "nodes (or give fewer --rollout-threads)", cpus, n, cfg.threads)
+        if cpus < n * cfg.threads + other_cpus:  # an autoscaler may add nodes; a fixed cluster never will
+            log.warning("rl: the Ray cluster has %g CPUs and %d rollout workers reserve %d each (and the trainer "
+                        "ranks %d): some wait for more nodes (or give fewer --rollout-threads, --train-threads)",
+                        cpus, n, cfg.threads, other_cpus)
         self.cls = ray.remote(RolloutActor)
         self.weights: tuple[int, object] | None = None  # the newest push: (version, ObjectRef)
         self.replies: deque = deque()

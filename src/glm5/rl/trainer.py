@@ -18,6 +18,7 @@ Letters: B samples in a micro-batch, T tokens (padded), D model dim, N loss toke
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -118,10 +119,69 @@ def mtp_loss_sum(model, h_BTD: torch.Tensor, ids_BT: torch.Tensor, mask_BT: torc
     return linear_ce_loss(x_ND, model.lm_head.weight.detach(), ids_BT[:, 2:][keep_Bn])
 
 
-def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConfig) -> dict:
+def shard(samples: list[dict], world: int) -> list[list[int]]:
+    """Sample indices per rank, balanced by tokens: longest first, each to the rank with the fewest tokens so far
+    (ties to the lower rank), so the first `world` samples give every rank one. Each rank's list is ascending, so
+    one rank's share is the samples in their batch order."""
+    if len(samples) < world:
+        raise ValueError(f"a batch of {len(samples)} samples cannot be split between {world} trainer ranks")
+    shares, load = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(samples)), key=lambda i: -len(samples[i]["ids"])):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(i)
+        load[r] += len(samples[i]["ids"])
+    return [sorted(s) for s in shares]
+
+
+class PolicyLoss(torch.nn.Module):
+    """The model and the policy loss of one micro-batch (plus the MTP layer's, with mtp_weight), as one module: what
+    DDP wraps, since its gradient hooks arm in the wrapper's forward and so the loss must be computed inside it.
+    forward -> (loss, ppo_head_loss's stats, the MTP loss or None)."""
+
+    def __init__(self, model, cfg: RLTrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, ids_BT, mask_BT, roll_BT, adv_BT, den: int, den_mtp: int):
+        model, cfg = self.model, self.cfg
+        h_BTD = model.hidden(ids_BT)[:, :-1]
+        loss, st = ppo_head_loss(h_BTD[mask_BT], model.lm_head.weight, ids_BT[:, 1:][mask_BT], adv_BT[mask_BT],
+                                 roll_BT[mask_BT], den=den, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                 correction=cfg.correction)
+        l_mtp = None
+        if cfg.mtp_weight > 0 and den_mtp:
+            l_mtp = mtp_loss_sum(model, h_BTD, ids_BT, mask_BT) / den_mtp
+            loss = loss + cfg.mtp_weight * l_mtp
+        return loss, st, l_mtp
+
+
+def ddp_policy_loss(model, cfg: RLTrainConfig):
+    """PolicyLoss under DDP, in a process group already up (glm5.rl.ray_trainer). Without mtp_weight the MTP layer
+    takes no gradient, and DDP fails the next step over a parameter that wants one and never got it: its parameters
+    stop wanting one (AdamW skips a parameter without a gradient either way, so nothing else changes). With
+    mtp_weight a micro-batch without a token two ahead skips the MTP layer: find_unused_parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cfg.mtp_weight == 0:
+        for p in model.mtp.parameters():
+            p.requires_grad_(False)
+    # No buffer sync per forward: RL changes no buffer (the router bias stays), and every rank loaded the same.
+    return DistributedDataParallel(PolicyLoss(model, cfg), forward_sync_buffers=False,
+                                   find_unused_parameters=cfg.mtp_weight > 0)
+
+
+def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConfig, net=None, rank: int = 0,
+               world: int = 1) -> dict:
     """One optimizer step on the groups (glm5.rl.buffer.Group, data = {"samples": [{"ids", "mask", "logprobs"}]}).
     Token-level normalisation over the whole step: every loss token weighs the same, however the micro-batches
-    fall."""
+    fall.
+
+    With world > 1 ranks (glm5.rl.ray_trainer), every rank holds the whole batch and this runs on each: net is
+    ddp_policy_loss(model), the rank trains on its share (shard), and the denominator is still the whole batch's
+    token count, which every rank computes alike from the batch it holds. Each rank's loss is its tokens' sum over
+    that global count, so the sum over ranks is the one-rank loss; DDP averages gradients over ranks, and each
+    backward is scaled by world to undo the average (as glm5.train.loop does). The statistics are summed over
+    ranks; every rank clips the same all-reduced gradients and steps the same replica."""
     samples, adv = [], []
     for g in groups:
         a_G = grpo_advantages(torch.tensor([float(r) for r in g.rewards]), cfg.std_normalize)
@@ -134,24 +194,30 @@ def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConf
     if mtp and not len(model.mtp):
         raise ValueError("mtp_weight > 0 but the model has no MTP layer (num_nextn_predict_layers = 0)")
     den_mtp = sum(sum(s["mask"][2:]) for s in samples)
+    if net is None and world > 1:
+        raise ValueError(f"train_step on rank {rank} of {world}: pass net = ddp_policy_loss(model, cfg)")
+    net = PolicyLoss(model, cfg) if net is None else net
+    mine = shard(samples, world)[rank]
     model.train()
     W = model.lm_head.weight
     stats = {"loss": 0.0, "tokens": den, "masked": 0, "clipped": 0, "kl_roll": 0.0}
-    for mb in _micro_batches(samples, cfg.micro_batch_tokens):
+    mbs = [[mine[j] for j in mb] for mb in _micro_batches([samples[i] for i in mine], cfg.micro_batch_tokens)]
+    for n, mb in enumerate(mbs):
         ids_BT, mask_BT, roll_BT = _pack([samples[i] for i in mb], W.device)
         adv_BT = torch.tensor([adv[i] for i in mb], dtype=torch.float32, device=W.device)[:, None].expand_as(roll_BT)
-        h_BTD = model.hidden(ids_BT)[:, :-1]
-        loss, st = ppo_head_loss(h_BTD[mask_BT], W, ids_BT[:, 1:][mask_BT], adv_BT[mask_BT], roll_BT[mask_BT],
-                                 den=den, eps_low=cfg.eps_low, eps_high=cfg.eps_high, correction=cfg.correction)
-        if mtp and den_mtp:
-            l_mtp = mtp_loss_sum(model, h_BTD, ids_BT, mask_BT) / den_mtp
+        # DDP all-reduces the gradients in the last micro-batch's backward; the others accumulate locally
+        sync = net.no_sync() if world > 1 and n < len(mbs) - 1 else contextlib.nullcontext()
+        with sync:
+            loss, st, l_mtp = net(ids_BT, mask_BT, roll_BT, adv_BT, den, den_mtp)
+            (loss * world).backward()  # world 1: exactly loss.backward()
+        if l_mtp is not None:
             stats["mtp_loss"] = stats.get("mtp_loss", 0.0) + float(l_mtp.detach())
-            loss = loss + cfg.mtp_weight * l_mtp
-        loss.backward()
         stats["loss"] += float(loss.detach())
         stats["masked"] += int((st["corr"] == 0).sum())
         stats["clipped"] += int(st["clipped"].sum())
         stats["kl_roll"] += float((roll_BT[mask_BT] - st["logp"]).sum())  # E[log pi_roll - log pi_train] (k1)
+    if world > 1:
+        _sum_over_ranks(stats, ("loss", "masked", "clipped", "kl_roll") + (("mtp_loss",) if mtp and den_mtp else ()))
     stats["kl_roll"] /= den
     params = [p for grp in opt.param_groups for p in grp["params"]]
     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -159,3 +225,35 @@ def train_step(model, opt: torch.optim.Optimizer, groups: list, cfg: RLTrainConf
     opt.zero_grad(set_to_none=True)
     model.eval()
     return stats
+
+
+def _sum_over_ranks(stats: dict, keys: tuple) -> None:
+    import torch.distributed as dist
+
+    v = torch.tensor([float(stats.get(k, 0.0)) for k in keys], dtype=torch.float64)  # fp64: the counts stay exact
+    dist.all_reduce(v)
+    for k, x in zip(keys, v.tolist()):
+        stats[k] = int(x) if isinstance(stats.get(k), int) else x
+
+
+def save_state(root, step: int, model, opt, rl_state: dict, keep_last: int):
+    """An RL checkpoint (glm5.train.checkpoint): the model, the optimizer's full state, this process's RNG and the
+    loop's state. Written by the one process that holds the trainer: the driver, or trainer rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from ..train import checkpoint as ckpt
+
+    osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    return ckpt.save(root, step, model, osd, [ckpt.rng_state()], {"rl": rl_state}, keep_last)
+
+
+def load_state(path, saved: dict, model, opt=None) -> None:
+    """The model, the optimizer (when there is one) and the RNG of checkpoint `path` (saved = ckpt.load(path))."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from ..train import checkpoint as ckpt
+
+    ckpt.load_model_weights(model, path)
+    if opt is not None:
+        set_optimizer_state_dict(model, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    ckpt.set_rng_state(saved["rng"][0])
