@@ -208,7 +208,7 @@ def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
 
 
 TOPK_PREFILTER = 16  # select_topk cuts rows of at least this many times k scores down to candidates first
-TOPK_GROUPS = 8  # ... through this many times k groups: about k * S / (TOPK_GROUPS * k) candidates remain
+TOPK_GROUPS = 16  # ... through this many times k groups: about k * S / (TOPK_GROUPS * k) candidates remain
 
 
 def _topk_candidates(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
