@@ -207,12 +207,12 @@ def select_topk(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
     return _topk_candidates(index_BTS, k)
 
 
-TOPK_PREFILTER = 16  # select_topk cuts rows of at least this many times k scores down to candidates first
-TOPK_GROUPS = 16  # ... through this many times k groups: about k * S / (TOPK_GROUPS * k) candidates remain
+TOPK_PREFILTER = 16  # select_topk cuts rows of at least this many (>= 4) times k scores down to candidates
+TOPK_GROUPS = 16  # ... through about this many times k groups, of which k (k * G candidates) remain
 
 
 def _topk_candidates(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
-    """select_topk over candidates: split each row into 4k groups of G consecutive scores; the k-th largest group
+    """select_topk over candidates: split each row into n >= 2k groups of G consecutive scores; the k-th largest group
     maximum is a threshold that at least k scores reach, so every score the top-k keeps (ties at the k-th value
     included) lies in a group whose maximum reaches it. Those groups (k of them, more on ties) and the tail past the
     last whole group are the candidates, kept in position order, so select_topk's earliest-first tie-break among
@@ -220,7 +220,7 @@ def _topk_candidates(index_BTS: torch.Tensor, k: int) -> torch.Tensor:
     B, T, S = index_BTS.shape
     R = B * T
     rows_RS = index_BTS.reshape(R, S)
-    G = S // (TOPK_GROUPS * k)
+    G = max(2, S // (TOPK_GROUPS * k))  # S >= TOPK_PREFILTER * k >= 4k: n >= 2k groups
     n = S // G
     groups_RnG = rows_RS[:, : n * G].view(R, n, G)
     gmax_Rn = groups_RnG.amax(-1)
