@@ -159,12 +159,14 @@ class Indexer(nn.Module):
         w_Bt1H = w_BtH.unsqueeze(-2)
         out_BtS = q_BtHd.new_empty(B, t, s1)
         c = max(SCAN_CHUNK_MIN, SCAN_CHUNK_ELEMS // (B * t * H))
-        for c0 in range(0, s1, c):
-            c1 = min(s1, c0 + c)
-            k_Bcd = k_BSd[:, c0:c1]
-            k_Bcd = k_Bcd if k_Bcd.dtype == torch.float32 else k_Bcd.float()
-            s_BtHc = torch.matmul(q_BMd, k_Bcd.transpose(-1, -2)).view(B, t, H, c1 - c0).relu_()
-            torch.matmul(w_Bt1H, s_BtHc, out=out_BtS[:, :, None, c0:c1])
+        # fp32 products under bf16 autocast too: they decide a discrete top-k (and `out=` is fp32)
+        with torch.autocast(q_BtHd.device.type, enabled=False):
+            for c0 in range(0, s1, c):
+                c1 = min(s1, c0 + c)
+                k_Bcd = k_BSd[:, c0:c1]
+                k_Bcd = k_Bcd if k_Bcd.dtype == torch.float32 else k_Bcd.float()
+                s_BtHc = torch.matmul(q_BMd, k_Bcd.transpose(-1, -2)).view(B, t, H, c1 - c0).relu_()
+                torch.matmul(w_Bt1H, s_BtHc, out=out_BtS[:, :, None, c0:c1])
         return out_BtS
 
     @torch.no_grad()
