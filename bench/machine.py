@@ -1,5 +1,5 @@
-"""What the benchmarks share: CPU pressure, idle waits and the CPU's name on a shared machine; a `glm5 serve` started
-in a subprocess, and its /metrics read back."""
+"""What the benchmarks share: CPU pressure, idle waits, CPU time spent (the machine's, a process tree's) and the CPU's
+name on a shared machine; a `glm5 serve` started in a subprocess, and its /metrics read back."""
 
 from __future__ import annotations
 
@@ -92,3 +92,33 @@ def metric_values(text: str) -> dict[str, float]:
             name, _, v = ln.rpartition(" ")
             out[name] = float(v)
     return out
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat; idle and iowait excluded, steal included:
+    a hypervisor's other guests take CPUs too; guest time left out, being already counted in user time)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of a process and its live descendants; 0 for one that is gone."""
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()  # after "(comm)", which may hold spaces
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d))
+        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += children.get(p, [])
+    return total
