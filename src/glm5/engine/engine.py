@@ -54,6 +54,7 @@ from .grammar import GrammarError, MaskFiller, Matcher
 from .kv_cache import BlockManager, PagedKVCache, bytes_per_block, default_num_blocks
 from .runner import ModelRunner
 from .sampler import SamplingParams, SeqSampling, make_generator, sample
+from .threads import StepThreads
 from .scheduler import FINISHED, RUNNING, Scheduler, Sequence
 from . import speculative
 
@@ -129,7 +130,7 @@ class Engine:
     def __init__(self, model, *, cache_bytes: int | None = None, num_blocks: int | None = None, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, eos_token_ids: list[int] | None = None,
                  detokenize: Callable[[list[int]], str] | None = None, seed: int = 0, vocab_limit: int | None = None,
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, small_step_threads: int | None = None):
         cfg = model.config
         self.model, self.config = model, cfg
         w = model.lm_head.weight
@@ -171,6 +172,7 @@ class Engine:
             raise ValueError(f"eos_token_ids {bad_eos} are not token ids in [0, {self.vocab_limit}) (vocab_limit "
                              f"{vocab_limit}, config vocab_size {cfg.vocab_size})")
         self.drafter = speculative.Drafter(model, self.runner, k, self.vocab_limit) if mtp else None
+        self.threads = StepThreads(model, small=small_step_threads)  # threads.py: one thread for decode-sized steps
         self.detokenize = detokenize
         self.policy_version = 0
         self._seeds = random.Random(seed)
@@ -284,6 +286,10 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return outputs
+        with self.threads.step(sum(n for _, n in plan)):
+            return self._step(plan, outputs)
+
+    def _step(self, plan: list[tuple[Sequence, int]], outputs: list[StepOutput]) -> list[StepOutput]:
         if self.drafter is not None:
             plan = self.drafter.chain(plan)
         computed = {seq: seq.num_computed for seq, _ in plan}  # before this step

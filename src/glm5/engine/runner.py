@@ -40,9 +40,35 @@ def group_rows(plan: list[tuple[Sequence, int]], short: int = 1) -> list[list[tu
     return groups
 
 
+class Head:
+    """The LM head as the runner applies it. MKL's matrix-vector product over an fp32 [V, D] head on a CPU reads it at
+    about half the memory bandwidth; over the same matrix stored [D, V] it runs about 2x faster up to 2 rows, and
+    slower from 4 rows up (bench/gemv.py, BENCHMARKS.md). So calls of at most GEMV_ROWS rows (batch-1
+    decode, a verify of one draft) multiply by a transposed copy, made on first use and remade whenever the weight
+    changes (its version counter moves on every in-place write: update_weights, an optimizer step)."""
+
+    GEMV_ROWS = 2
+
+    def __init__(self, lm_head):
+        self.lm_head = lm_head
+        w = lm_head.weight
+        self.enabled = w.device.type == "cpu" and w.dtype == torch.float32 and lm_head.bias is None
+        self._key, self._wt = None, None
+
+    def __call__(self, h_RD: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or h_RD.shape[0] > self.GEMV_ROWS:
+            return self.lm_head(h_RD)
+        w = self.lm_head.weight
+        key = (id(w), w.data_ptr(), w._version)
+        if key != self._key:
+            self._wt, self._key = w.detach().t().contiguous(), key
+        return h_RD.to(w.dtype) @ self._wt
+
+
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache, short: int = 1, keep_hidden: bool = False):
         self.model, self.cache = model, cache
+        self.head = Head(model.lm_head)
         self.device = cache.device
         self.num_calls = 0
         self.short = short  # group_rows: 1 + the most draft tokens a row verifies
@@ -60,7 +86,7 @@ class ModelRunner:
             seqs, h_BD = self._call(group)
             if seqs:
                 out_seqs += seqs
-                out_logits.append(self.model.lm_head(h_BD).float())
+                out_logits.append(self.head(h_BD).float())
         return out_seqs, (torch.cat(out_logits) if out_logits else None)
 
     def _call(self, group: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:

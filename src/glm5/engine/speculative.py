@@ -181,7 +181,7 @@ class Drafter:
     def propose(self, x_RD: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """One draft per sequence from MTP hidden states: its token (None where the MTP logits are not finite: the
         sequence drafts nothing more this step); q and confidence go to the sequence's state."""
-        logits_RV = self.model.mtp_head(0)(x_RD).float()[:, :self.vocab_limit]
+        logits_RV = self.model.mtp_head(0, self.runner.head)(x_RD).float()[:, :self.vocab_limit]
         finite_R = torch.isfinite(logits_RV).all(-1).tolist()
         toks, q, conf = draft(logits_RV, [s.state for s in seqs], [s.output_ids + s.draft for s in seqs])
         out = []

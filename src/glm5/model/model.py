@@ -149,10 +149,11 @@ class GLM5(nn.Module):
         ctx = self._context(positions_BT, cache, doc_ids_BT, aux, x_BTD.shape[1], x_BTD.device)
         return layer(x_BTD, ctx, None, self.impl.moe)[0]
 
-    def mtp_head(self, depth: int = 0):
-        """MTP hidden -> logits: the depth's own norm, then the shared LM head."""
-        norm = self.mtp[depth].shared_head.norm
-        return lambda x: self.lm_head(norm(x))
+    def mtp_head(self, depth: int = 0, head=None):
+        """MTP hidden -> logits: the depth's own norm, then the shared LM head (or `head`, a callable that applies
+        it: the engine's runner has its own)."""
+        norm, head = self.mtp[depth].shared_head.norm, head or self.lm_head
+        return lambda x: head(norm(x))
 
     def forward_with_mtp(self, input_ids_BT, doc_ids_BT=None, aux=None):
         """(logits [B, T, V], mtp_logits [B, T-1, V]): mtp_logits[:, t] predicts token t+2 from h[t] and tok[t+1]."""

@@ -1,0 +1,53 @@
+"""Intra-op threads per engine step: small steps run on one thread, large ones on all.
+
+A decode step multiplies every weight matrix by a handful of vectors and runs hundreds of small elementwise ops.
+Split across threads, that work gains little and pays an OpenMP fork/join per op. Measured on a 2-core AMD EPYC
+(AVX2, MKL; BENCHMARKS.md): MKL runs these matrix-vector products single-threaded, so a decode step of the `small`
+model took 3-5% longer with 2 threads than with 1 at batch 1, 4 and 16 alike, and a server streaming tokens lost
+another 15% to the idle thread spinning beside its event loop; prefill gained 1.2x from 64-token chunks up (the
+crossover near 32 tokens, about 1e9 multiply-adds).
+
+So a step whose matrix work (query tokens x multiply-adds per token) is below `SERIAL_MACS` runs on `small`
+threads (1 unless the caller says otherwise), every other step on the engine's full count: torch's thread count
+when the engine was built. The count is set for the step and restored after it, so the caller's own torch work
+(an RL trainer in the same thread, say) keeps its threads. The choice depends on the step's size alone, never on
+timings, so two runs of the same requests compute the same bits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+SERIAL_MACS = 1_000_000_000  # multiply-adds: below, a step runs on `small` threads
+
+
+def macs_per_token(model) -> int:
+    """Multiply-adds of one token through the model's matrices (routed experts: the k chosen of E), the head
+    included and the embedding (a lookup) not. Attention over the cache is left out: DSA keeps it flat."""
+    return model.num_params()["active"] - model.model.embed_tokens.weight.numel()
+
+
+class StepThreads:
+    def __init__(self, model, threads: int | None = None, small: int | None = None):
+        self.threads = threads or torch.get_num_threads()
+        if small is not None and not (isinstance(small, int) and 1 <= small):
+            raise ValueError(f"small-step threads must be an integer >= 1, got {small!r}")
+        self.small = min(small or 1, self.threads)
+        self.macs = macs_per_token(model)
+
+    def for_tokens(self, tokens: int) -> int:
+        """Threads for a step that feeds `tokens` query tokens."""
+        return self.small if tokens * self.macs < SERIAL_MACS else self.threads
+
+    @contextmanager
+    def step(self, tokens: int):
+        before, want = torch.get_num_threads(), self.for_tokens(tokens)
+        if want != before:
+            torch.set_num_threads(want)
+        try:
+            yield want
+        finally:
+            if want != before:
+                torch.set_num_threads(before)
