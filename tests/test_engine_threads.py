@@ -74,7 +74,7 @@ def test_head_uses_a_transposed_copy_for_few_rows_and_remakes_it_after_a_write()
     m = _model()
     head = Head(m.lm_head)
     assert head.enabled
-    for rows in (1, 2, 3):
+    for rows in (1, 3, 4):
         h = torch.randn(rows, m.config.hidden_size)
         torch.testing.assert_close(head(h), m.lm_head(h), rtol=1e-5, atol=1e-5)
     first = head._wt

@@ -43,12 +43,13 @@ def group_rows(plan: list[tuple[Sequence, int]], short: int = 1) -> list[list[tu
 class Head:
     """The LM head as the runner applies it. On the CPU measured (a 2-core AMD EPYC, AVX2; bench/gemv.py, BENCHMARKS.md)
     MKL's matrix-vector product over an fp32 [V, D] head reads it at about half the memory bandwidth; over the same
-    matrix stored [D, V] it runs about 2x faster up to 2 rows, and slower from 4 rows up. So calls of at most GEMV_ROWS rows (batch-1
-    decode, a verify of one draft) multiply by a transposed copy, made on first use and remade whenever the weight
-    changes (its version counter moves on every in-place write: update_weights, an optimizer step). The copy costs
-    the head's size once more in memory (8 MB for the shipped model, 64 MB for the `small` preset's 32768 rows)."""
+    matrix stored [D, V] it runs about 2x faster up to 3 rows, and slower from 4 rows up. So calls of at most GEMV_ROWS
+    rows (batch-1 decode, a verify of one or two drafts) multiply by a transposed copy, made on first use and remade
+    whenever the weight changes (its version counter moves on every in-place write: update_weights, an optimizer
+    step). The copy costs the head's size once more in memory (8 MB for the shipped model, 64 MB for the `small`
+    preset's 32768 rows)."""
 
-    GEMV_ROWS = 2
+    GEMV_ROWS = 3
 
     def __init__(self, lm_head):
         self.lm_head = lm_head
