@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     s.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="MTP speculative decoding: draft tokens the model's MTP layer proposes and one forward "
                    "verifies per step, 0 to 15 (default 0: off). Output is as without it (greedy: the same tokens)")
+    s.add_argument("--small-step-threads", type=int, default=None, metavar="N",
+                   help="torch threads for steps of little work (decodes of a few sequences; default 1: on the CPUs "
+                   "measured a second thread only slowed them). Larger steps use --threads")
     s.add_argument("--max-queue", type=int, default=256, help="sequences (prompts x n) held beyond the running batch; "
                    "more get 429")
     s.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
@@ -88,7 +91,7 @@ def _serve(args, sock: socket.socket) -> int:
     try:
         engine = build_engine(loaded.model, loaded.tokenizer, cache_bytes=cache_bytes_arg(args),
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                              speculative_tokens=args.speculative_tokens)
+                              speculative_tokens=args.speculative_tokens, small_step_threads=args.small_step_threads)
     except ValueError as e:  # e.g. --speculative-tokens for a model without its MTP layer
         print(f"glm5 serve: error: {e}", file=sys.stderr)
         return 2

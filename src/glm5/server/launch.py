@@ -14,14 +14,16 @@ log = logging.getLogger("glm5.server")
 
 
 def build_engine(model, tok: Tokenizer, *, cache_bytes: int | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, seed: int = 0, speculative_tokens: int = 0):
+                 max_num_batched_tokens: int = 2048, seed: int = 0, speculative_tokens: int = 0,
+                 small_step_threads: int | None = None):
     """The engine as the server runs it: stops on the tokenizer's turn-end tokens, can match stop strings, and never
     takes or samples an id the tokenizer lacks (a checkpoint may pad its vocabulary past the tokenizer's)."""
     from ..engine import Engine
 
     return Engine(model, cache_bytes=cache_bytes, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=max_num_batched_tokens, eos_token_ids=tok.eos_ids, detokenize=tok.decode,
-                  seed=seed, vocab_limit=len(tok), speculative_tokens=speculative_tokens)
+                  seed=seed, vocab_limit=len(tok), speculative_tokens=speculative_tokens,
+                  small_step_threads=small_step_threads)
 
 
 def uvicorn_config(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
