@@ -88,3 +88,17 @@ def test_head_uses_a_transposed_copy_for_few_rows_and_remakes_it_after_a_write()
     assert head._wt is not first
     assert not Head(torch.nn.Linear(8, 16, bias=True)).enabled  # a biased head keeps nn.Linear
     assert not Head(torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)).enabled
+
+
+def test_serve_engine_takes_small_step_threads():
+    """`glm5 serve --small-step-threads N` reaches the engine through build_engine; a count below 1 is refused there
+    (serve prints the error and exits 2)."""
+    from glm5.server.launch import build_engine
+
+    from .server_util import TOK
+
+    m = glm5.load_model(tiny().replace(vocab_size=TOK.vocab_size))
+    eng = build_engine(m, TOK, cache_bytes=4 << 20, small_step_threads=2)
+    assert eng.threads.small == min(2, eng.threads.threads)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        build_engine(m, TOK, cache_bytes=4 << 20, small_step_threads=0)
