@@ -54,8 +54,8 @@ from .grammar import GrammarError, MaskFiller, Matcher
 from .kv_cache import BlockManager, PagedKVCache, bytes_per_block, default_num_blocks
 from .runner import ModelRunner
 from .sampler import SamplingParams, SeqSampling, make_generator, sample
-from .threads import StepThreads
 from .scheduler import FINISHED, RUNNING, Scheduler, Sequence
+from .threads import StepThreads
 from . import speculative
 
 MAX_SPECULATIVE_TOKENS = 15  # 1 + k query tokens per verify row stay on the decode attention path (<= 16, mla.py)

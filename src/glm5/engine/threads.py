@@ -3,9 +3,9 @@
 A decode step multiplies every weight matrix by a handful of vectors and runs hundreds of small elementwise ops.
 Split across threads, that work gains little and pays an OpenMP fork/join per op. Measured on a 2-core AMD EPYC
 (AVX2, MKL; BENCHMARKS.md): MKL runs these matrix-vector products single-threaded, so a decode step of the `small`
-model took 3-5% longer with 2 threads than with 1 at batch 1, 4 and 16 alike, and a server streaming tokens lost
-another 15% to the idle thread spinning beside its event loop; prefill gained 1.2x from 64-token chunks up (the
-crossover near 32 tokens, about 1e9 multiply-adds).
+model took 3-5% longer with 2 threads than with 1 at batch 1, 4 and 16 alike, and 4x longer while another process
+held one of the two cores (every op's barrier waits for the descheduled thread); prefill gained 1.2x from 64-token
+chunks up (the crossover near 32 tokens, about 1e9 multiply-adds).
 
 So a step whose matrix work (query tokens x multiply-adds per token) is below `SERIAL_MACS` runs on `small`
 threads (1 unless the caller says otherwise), every other step on the engine's full count: torch's thread count
