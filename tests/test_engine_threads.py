@@ -102,3 +102,20 @@ def test_serve_engine_takes_small_step_threads():
     assert eng.threads.small == min(2, eng.threads.threads)
     with pytest.raises(ValueError, match="integer >= 1"):
         build_engine(m, TOK, cache_bytes=4 << 20, small_step_threads=0)
+
+
+def test_a_model_loaded_under_inference_mode_decodes_with_the_head_copy():
+    """Inference tensors have no version counter: the head's copy is keyed without it, and update_weights drops it."""
+    with torch.inference_mode():
+        m = _model()
+    assert m.lm_head.weight.is_inference()
+    eng = Engine(m, num_blocks=64, block_size=4)
+    prompt = list(range(5, 25))
+    (a,), = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=6))
+    ref = Engine(_model(), num_blocks=64, block_size=4)
+    (b,), = ref.generate([prompt], SamplingParams(temperature=0, max_tokens=6))
+    assert a.token_ids == b.token_ids
+    assert eng.runner.head._wt is not None
+    with torch.inference_mode():
+        eng.update_weights({"lm_head.weight": -m.lm_head.weight})
+    assert eng.runner.head._wt is None

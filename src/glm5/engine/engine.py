@@ -520,6 +520,7 @@ class Engine:
         with torch.no_grad():
             for k, v in state_dict.items():
                 named[k].copy_(v)
+        self.runner.head.invalidate()
         self.policy_version = self.policy_version + 1 if version is None else version
         self.blocks.reset_prefix_cache()
         for seq in list(self.scheduler.running):

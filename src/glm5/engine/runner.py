@@ -45,8 +45,8 @@ class Head:
     MKL's matrix-vector product over an fp32 [V, D] head reads it at about half the memory bandwidth; over the same
     matrix stored [D, V] it runs about 2x faster up to 3 rows, and slower from 4 rows up. So calls of at most GEMV_ROWS
     rows (batch-1 decode, a verify of one or two drafts) multiply by a transposed copy, made on first use and remade
-    whenever the weight changes (its version counter moves on every in-place write: update_weights, an optimizer
-    step). The copy costs the head's size once more in memory (8 MB for the shipped model, 64 MB for the `small`
+    whenever the weight changes: its version counter moves on every in-place write (an optimizer step), and the
+    engine's update_weights invalidates it. The copy costs the head's size once more in memory (8 MB for the shipped model, 64 MB for the `small`
     preset's 32768 rows)."""
 
     GEMV_ROWS = 3
@@ -61,10 +61,15 @@ class Head:
         if not self.enabled or h_RD.shape[0] > self.GEMV_ROWS:
             return self.lm_head(h_RD)
         w = self.lm_head.weight
-        key = (id(w), w.data_ptr(), w._version)
+        # an inference tensor (a model loaded under inference_mode) has no version counter: invalidate() covers it
+        key = (id(w), w.data_ptr(), None if w.is_inference() else w._version)
         if key != self._key:
             self._wt, self._key = w.detach().t().contiguous(), key
         return h_RD.to(w.dtype) @ self._wt
+
+    def invalidate(self):
+        """Drop the copy (the engine calls this after update_weights)."""
+        self._key, self._wt = None, None
 
 
 class ModelRunner:
