@@ -86,7 +86,8 @@ def test_startup_lines_name_context_and_cache():
     lines = startup_lines(eng, "tiny", "127.0.0.1", 8000, False)
     assert lines[0] == "model tiny, context 48 tokens, up to 2 sequences at once"
     assert lines[1].startswith("KV cache 0 MiB (2 sequences x 48 tokens x") and "--cache-mib" in lines[1]
-    assert lines[2] == "http://127.0.0.1:8000/v1"
+    assert lines[2].startswith("torch threads: ") and "--small-step-threads" in lines[2]
+    assert lines[3] == "http://127.0.0.1:8000/v1"
 
 
 def test_models_advertises_the_context_the_server_accepts():

@@ -123,7 +123,17 @@ def startup_lines(engine, name: str, host: str, port: int, api_key: bool) -> lis
     return [f"model {name}, {ctx}, up to {engine.scheduler.max_num_seqs} sequences at once{spec}",
             f"KV cache {st['cache_bytes'] / MIB:.0f} MiB ({engine.cache_sizing}; --cache-mib sets it)"
             + (", memory taken as it fills" if engine.device.type == "cpu" else ""),
+            *([threads_line(engine.threads)] if engine.device.type == "cpu" else []),
             f"http://{host}:{port}/v1{'  (API key required)' if api_key else ''}"]
+
+
+def threads_line(t) -> str:
+    """The engine's per-step thread counts (engine/threads.py), as serve says them."""
+    from ..engine.threads import SERIAL_MACS
+
+    small_tokens = max(1, -(-SERIAL_MACS // t.macs))  # the smallest step that runs on every thread
+    return (f"torch threads: {t.threads} for steps of {small_tokens}+ tokens, {t.small} below (decodes of a few "
+            f"sequences; --threads, --small-step-threads)")
 
 
 def main(argv: list[str] | None = None) -> int:
