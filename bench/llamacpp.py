@@ -84,7 +84,7 @@ from pathlib import Path
 import httpx
 
 from machine import (busy_cores, busy_cpu_s, cpu_name, free_port, start_server, tree_cpu_s,  # bench/machine.py
-                     wait_quiet)
+                     wait_healthy, wait_quiet)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp tree is built
 # The split regex of glm5's tokenizer.json, which llama.cpp implements as its "qwen2" pre-tokenizer
@@ -192,17 +192,7 @@ def start_llama(exe: Path, port: int, llama_argv: list[str], log) -> subprocess.
     """llama-server in a subprocess writing to the file log; returns once /health answers 200."""
     proc = subprocess.Popen([str(exe), "--host", "127.0.0.1", "--port", str(port), *llama_argv],
                             stdout=log, stderr=subprocess.STDOUT)
-    t0 = time.monotonic()
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() - t0 > 300:
-            proc.kill()
-            raise RuntimeError(f"llama-server did not start (see {log.name})")
-        time.sleep(0.5)
+    return wait_healthy(proc, port, log, "llama-server")
 
 
 class Side:

@@ -66,11 +66,17 @@ def free_port() -> int:
 def start_server(port: int, serve_args: list[str], log) -> subprocess.Popen:
     """`glm5 serve --port PORT *serve_args` in a subprocess writing to the file log; returns once /health answers
     200 (RuntimeError if it exits or takes over 300 s)."""
-    import httpx
-
     cmd = [sys.executable, "-m", "glm5.server.cli", "serve", "--port", str(port), "--log-level", "warning",
            *serve_args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return wait_healthy(proc, port, log, "the server")
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log, what: str) -> subprocess.Popen:
+    """Return proc once http://127.0.0.1:PORT/health answers 200; kill it and raise RuntimeError if it exits first or
+    takes over 300 s."""
+    import httpx
+
     t0 = time.monotonic()
     while True:
         try:
@@ -80,7 +86,7 @@ def start_server(port: int, serve_args: list[str], log) -> subprocess.Popen:
             pass
         if proc.poll() is not None or time.monotonic() - t0 > 300:
             proc.kill()
-            raise RuntimeError(f"the server did not start (see {log.name})")
+            raise RuntimeError(f"{what} did not start (see {log.name})")
         time.sleep(0.5)
 
 

@@ -35,11 +35,12 @@ class StepThreads:
         if small is not None and not (isinstance(small, int) and 1 <= small):
             raise ValueError(f"small-step threads must be an integer >= 1, got {small!r}")
         self.small = min(small or 1, self.threads)
-        self.macs = macs_per_token(model)
+        # the fewest query tokens whose step reaches SERIAL_MACS: from there a step runs on every thread
+        self.all_from = max(1, -(-SERIAL_MACS // macs_per_token(model)))
 
     def for_tokens(self, tokens: int) -> int:
         """Threads for a step that feeds `tokens` query tokens."""
-        return self.small if tokens * self.macs < SERIAL_MACS else self.threads
+        return self.small if tokens < self.all_from else self.threads
 
     @contextmanager
     def step(self, tokens: int):

@@ -129,10 +129,7 @@ def startup_lines(engine, name: str, host: str, port: int, api_key: bool) -> lis
 
 def threads_line(t) -> str:
     """The engine's per-step thread counts (engine/threads.py), as serve says them."""
-    from ..engine.threads import SERIAL_MACS
-
-    small_tokens = max(1, -(-SERIAL_MACS // t.macs))  # the smallest step that runs on every thread
-    return (f"torch threads: {t.threads} for steps of {small_tokens}+ tokens, {t.small} below (decodes of a few "
+    return (f"torch threads: {t.threads} for steps of {t.all_from}+ tokens, {t.small} below (decodes of a few "
             f"sequences; --threads, --small-step-threads)")
 
 
