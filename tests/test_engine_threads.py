@@ -70,22 +70,27 @@ def test_step_threads_do_not_change_greedy_tokens(two_threads):
         assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) < 1e-5
 
 
-def test_head_uses_a_transposed_copy_for_few_rows_and_remakes_it_after_a_write():
+def test_head_uses_its_few_row_layouts_and_remakes_them_after_a_write():
     m = _model()
     head = Head(m.lm_head)
     assert head.enabled
-    for rows in (1, 3, 4):
+    for rows in (1, 2, 3, 4, 17):
         h = torch.randn(rows, m.config.hidden_size)
         torch.testing.assert_close(head(h), m.lm_head(h), rtol=1e-5, atol=1e-5)
-    first = head._wt
+    first, packed = head._wt, head._packed
     assert first is not None and first.shape == m.lm_head.weight.shape[::-1]
+    assert packed is not None or not head.packable
     head(torch.randn(1, m.config.hidden_size))
-    assert head._wt is first  # unchanged weight: the copy is kept
+    head(torch.randn(2, m.config.hidden_size))
+    assert head._wt is first and head._packed is packed  # unchanged weight: the copies are kept
     with torch.no_grad():
         m.lm_head.weight.mul_(-1.0)  # an in-place write, as update_weights makes
-    h = torch.randn(1, m.config.hidden_size)
-    torch.testing.assert_close(head(h), m.lm_head(h), rtol=1e-5, atol=1e-5)
-    assert head._wt is not first
+    for rows in (1, 5):
+        h = torch.randn(rows, m.config.hidden_size)
+        torch.testing.assert_close(head(h), m.lm_head(h), rtol=1e-5, atol=1e-5)
+    assert head._wt is not first and (head._packed is not packed or packed is None)
+    h = torch.randn(2, 3, m.config.hidden_size)  # not [rows, D]: nn.Linear's own path
+    torch.testing.assert_close(head(h), m.lm_head(h))
     assert not Head(torch.nn.Linear(8, 16, bias=True)).enabled  # a biased head keeps nn.Linear
     assert not Head(torch.nn.Linear(8, 16, bias=False).to(torch.bfloat16)).enabled
 
@@ -118,4 +123,4 @@ def test_a_model_loaded_under_inference_mode_decodes_with_the_head_copy():
     assert eng.runner.head._wt is not None
     with torch.inference_mode():
         eng.update_weights({"lm_head.weight": -m.lm_head.weight})
-    assert eng.runner.head._wt is None
+    assert eng.runner.head._wt is None and eng.runner.head._packed is None

@@ -38,6 +38,29 @@ def test_incremental_decoding_with_cache_equals_full_forward(impl):
         m(ids[:, :3], cache=cache)
 
 
+def test_decode_sized_latent_attention_equals_the_expanded_path():
+    """Calls of at most DECODE_T queries attend absorbed through two batched products over the latent
+    (MLAttention._attend_latent); the expanded SDPA path is the reference, with and without a top-k mask."""
+    from glm5.model.mla import DECODE_T
+
+    m = _model()
+    attn, cfg = m.model.layers[0].self_attn, m.config
+    B, T, S, K = 2, 3, 40, 6
+    assert T <= DECODE_T
+    g = torch.Generator().manual_seed(0)
+    q_nope = torch.randn(B, T, cfg.num_attention_heads, cfg.qk_nope_head_dim, generator=g)
+    q_rope = torch.randn(B, T, cfg.num_attention_heads, cfg.qk_rope_head_dim, generator=g)
+    lat = torch.randn(B, S, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=g)
+    pos = torch.tensor([[S - 3, S - 2, S - 1], [20, 21, 22]])  # the second row sees only its first 23 keys
+    visible = torch.arange(S)[None, None, :] <= pos[:, :, None]
+    topk = torch.stack([torch.randperm(int(p) + 1, generator=g)[:K] for p in pos.flatten()]).view(B, T, K)
+    with torch.no_grad():
+        for idx in (None, topk):
+            a = attn.attend(q_nope, q_rope, lat, visible, idx, "absorbed", "mask")
+            b = attn.attend(q_nope, q_rope, lat, visible, idx, "expanded", "mask")
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_topk_ties_break_by_position():
     from glm5.model.dsa import select_topk
 
