@@ -81,11 +81,11 @@ def test_head_uses_its_few_row_layouts_and_remakes_them_after_a_write():
     assert first is not None and first.shape == m.lm_head.weight.shape[::-1]
     assert packed is not None or not head.packable
     head(torch.randn(1, m.config.hidden_size))
-    head(torch.randn(2, m.config.hidden_size))
+    head(torch.randn(Head.GEMV_ROWS + 1, m.config.hidden_size))
     assert head._wt is first and head._packed is packed  # unchanged weight: the copies are kept
     with torch.no_grad():
         m.lm_head.weight.mul_(-1.0)  # an in-place write, as update_weights makes
-    for rows in (1, 5):
+    for rows in (1, Head.GEMV_ROWS + 1):
         h = torch.randn(rows, m.config.hidden_size)
         torch.testing.assert_close(head(h), m.lm_head(h), rtol=1e-5, atol=1e-5)
     assert head._wt is not first and (head._packed is not packed or packed is None)

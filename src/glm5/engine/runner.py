@@ -43,18 +43,22 @@ def group_rows(plan: list[tuple[Sequence, int]], short: int = 1) -> list[list[tu
 class Head:
     """The LM head as the runner applies it: an fp32, bias-free head on a CPU is multiplied through a layout made for
     few rows, since MKL's product over the [V, D] matrix nn.Linear holds is slow there for few rows. Measured on a
-    2-core AMD EPYC (AVX2; bench/gemv.py, BENCHMARKS.md), the `small` preset's 32768 x 512 head on one thread:
+    2-core AMD EPYC (AVX2; bench/gemv.py, BENCHMARKS.md), one thread:
 
-    - one row (batch-1 decode): the same matrix stored [D, V] reads at ~2x MKL's speed over [V, D] (4.2 against
-      8.4 ms);
-    - two rows and more (batch decode, a verify of drafts): oneDNN's product over a copy prepacked into its own
-      blocked layout runs 1.7-2.3x MKL's (16 rows: 15 against 26 ms; 64 rows: 35 against 49).
+    - up to GEMV_ROWS rows (batch-1 decode, a verify of one or two drafts): the same matrix stored [D, V] reads at
+      ~2x MKL's speed over [V, D] (the `small` preset's 32768 x 512 head, one row: 4.2 against 8.4 ms; the shipped
+      model's 4096 x 256 at 1 / 2 / 3 rows: 0.40 / 0.48 / 0.74 against 1.0 / 1.2 / 1.8 ms);
+    - more rows (batch decode, longer verifies): oneDNN's product over a copy prepacked into its own blocked layout,
+      1.3-2.3x MKL's speed (16 rows: 15 against 26 ms for the 32768-row head, 1.5 against 2.0 for the 4096-row one),
+      where the [D, V] layout falls behind MKL's.
 
     Each copy is made on first use and remade whenever the weight changes: its version counter moves on every
     in-place write (an optimizer step), and the engine's update_weights calls invalidate(). Each costs the head's size
-    once more in memory (8 MB for the shipped model, 64 MB for the `small` preset's 32768 rows). Where this torch build
-    has no oneDNN, rows past the first go through nn.Linear. The two layouts sum in different orders: logits agree with
+    once more in memory (4 MB for the shipped model, 64 MB for the `small` preset). Where this torch build has no
+    oneDNN, calls of more rows go through nn.Linear. The layouts sum in different orders: logits agree with
     nn.Linear's to ~1e-6 relative."""
+
+    GEMV_ROWS = 3
 
     def __init__(self, lm_head):
         self.lm_head = lm_head
@@ -73,7 +77,7 @@ class Head:
             self.invalidate()
             self._key = key
         x_RD = h_RD.to(w.dtype).contiguous()
-        if x_RD.shape[0] == 1:
+        if x_RD.shape[0] <= self.GEMV_ROWS:
             if self._wt is None:
                 self._wt = w.detach().t().contiguous()
             return x_RD @ self._wt
