@@ -303,15 +303,15 @@ class MLAttention(nn.Module):
 
     def _attend_rows(self, q_nope_BTHN, q_rope_BTHR, rows_BTKL, keep_BTK, attn_impl):
         """Each query has its own K gathered latent rows."""
-        neg = torch.finfo(torch.float32).min  # not -inf: a row with nothing kept stays finite
         if attn_impl == "expanded":
+            neg = torch.finfo(torch.float32).min  # not -inf: a row with nothing kept stays finite
             k_BTKHE, v_BTKHV = self._expand(rows_BTKL)
             q_BTHE = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
             s_BTHK = torch.einsum("bthe,btkhe->bthk", q_BTHE, k_BTKHE).float() * self.scale
             p_BTHK = s_BTHK.masked_fill(~keep_BTK.unsqueeze(2), neg).softmax(-1).to(v_BTKHV.dtype)  # fp32 softmax
             return torch.einsum("bthk,btkhv->bthv", p_BTHK, v_BTKHV)
-        q_BTHL = self._absorb_q(q_nope_BTHN, q_rope_BTHR)
-        s_BTHK = torch.matmul(q_BTHL, rows_BTKL.transpose(-1, -2)).float() * self.scale
-        p_BTHK = s_BTHK.masked_fill(~keep_BTK.unsqueeze(2), neg).softmax(-1).to(rows_BTKL.dtype)  # fp32 softmax
-        o_BTHC = torch.matmul(p_BTHK, rows_BTKL[..., : self.latent])
-        return self._apply_w_v(o_BTHC)
+        # absorbed: each (row, query) pair is a batch entry of _attend_latent with its own K rows
+        B, T, K, L = rows_BTKL.shape
+        q_NHL = self._absorb_q(q_nope_BTHN, q_rope_BTHR).reshape(B * T, 1, self.n_heads, L)
+        o_N1HV = self._attend_latent(q_NHL, rows_BTKL.reshape(B * T, K, L), keep_BTK.reshape(B * T, 1, K))
+        return o_N1HV.view(B, T, self.n_heads, -1)
