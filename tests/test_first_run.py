@@ -84,10 +84,26 @@ def test_startup_lines_name_context_and_cache():
 
     eng = Engine(_tiny_model(max_position_embeddings=48), max_num_seqs=2)
     lines = startup_lines(eng, "tiny", "127.0.0.1", 8000, False)
-    assert lines[0] == "model tiny, context 48 tokens, up to 2 sequences at once"
+    assert lines[0] == "model tiny (float32; --dtype), context 48 tokens, up to 2 sequences at once"
     assert lines[1].startswith("KV cache 0 MiB (2 sequences x 48 tokens x") and "--cache-mib" in lines[1]
     assert lines[2].startswith("torch threads: ") and "--small-step-threads" in lines[2]
     assert lines[3] == "http://127.0.0.1:8000/v1"
+
+
+def test_dtype_flag_loads_the_model_in_that_dtype_and_auto_keeps_fp32_on_a_cpu():
+    """--dtype (serve, chat, generate): auto is float32 on a CPU; bfloat16 loads bf16 weights, which decode."""
+    from glm5.cli import add_model_args, load_model_args
+
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    auto = load_model_args(p.parse_args(["--model", "tiny"]), quiet=True)
+    assert auto.model.lm_head.weight.dtype == torch.float32
+    bf16 = load_model_args(p.parse_args(["--model", "tiny", "--dtype", "bfloat16"]), quiet=True)
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    (g,), = Engine(bf16.model, cache_bytes=4 << 20).generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+    assert len(g.token_ids) == 3
+    with pytest.raises(SystemExit):
+        p.parse_args(["--dtype", "float16"])
 
 
 def test_models_advertises_the_context_the_server_accepts():

@@ -120,7 +120,8 @@ def startup_lines(engine, name: str, host: str, port: int, api_key: bool) -> lis
     if st["max_model_len"] < cfg.max_position_embeddings:
         ctx += f" (all the KV cache holds; the model's is {cfg.max_position_embeddings})"
     spec = f", up to {st['speculative_tokens']} MTP draft tokens a step" if st.get("speculative_tokens") else ""
-    return [f"model {name}, {ctx}, up to {engine.scheduler.max_num_seqs} sequences at once{spec}",
+    dtype = str(engine.model.lm_head.weight.dtype).removeprefix("torch.")
+    return [f"model {name} ({dtype}; --dtype), {ctx}, up to {engine.scheduler.max_num_seqs} sequences at once{spec}",
             f"KV cache {st['cache_bytes'] / MIB:.0f} MiB ({engine.cache_sizing}; --cache-mib sets it)"
             + (", memory taken as it fills" if engine.device.type == "cpu" else ""),
             *([threads_line(engine.threads)] if engine.device.type == "cpu" else []),
