@@ -1,11 +1,15 @@
 """Intra-op threads per engine step: small steps run on one thread, large ones on all.
 
 A decode step multiplies every weight matrix by a handful of vectors and runs hundreds of small elementwise ops.
-Split across threads, that work gains little and pays an OpenMP fork/join per op. Measured on a 2-core AMD EPYC
-(AVX2, MKL; BENCHMARKS.md): MKL runs these matrix-vector products single-threaded, so a decode step of the `small`
-model took 3-5% longer with 2 threads than with 1 at batch 1, 4 and 16 alike, and 4x longer while another process
-held one of the two cores (every op's barrier waits for the descheduled thread); prefill gained 1.2x from 64-token
-chunks up (the crossover near 32 tokens, about 1e9 multiply-adds).
+Split across threads, that work gains little and pays an OpenMP fork/join per op; and while another process holds
+one of the cores, every op's barrier waits for the descheduled thread (a batch-1 decode of the `small` model ran 4x
+slower on 2 threads than on 1 that way). Larger steps gain from every core. Measured on a 2-core AMD EPYC (AVX2;
+BENCHMARKS.md), alternating 1 and 2 threads step by step in one engine, the random `small` model (32.8M multiply-adds
+a token, its 32768 x 512 head half of them): decodes of 1 / 4 / 8 / 16 / 24 sequences took 1.03 / 0.97 / 0.92 /
+0.87 / 0.82x as long on 2 threads as on 1, prefill chunks of 8 / 16 / 32 / 64 tokens 1.01 / 0.93 / 0.89 / 0.90x;
+the shipped model (3.3M a token) showed no steady gain from 8 to 24 sequences. The crossover sits near 2.5e8
+multiply-adds a step, where the few-row products (the LM head through oneDNN, engine/runner.Head) start to split
+well.
 
 So a step whose matrix work (query tokens x multiply-adds per token) is below `SERIAL_MACS` runs on `small`
 threads (1 unless the caller says otherwise), every other step on the engine's full count: torch's thread count
@@ -20,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-SERIAL_MACS = 1_000_000_000  # multiply-adds: below, a step runs on `small` threads
+SERIAL_MACS = 250_000_000  # multiply-adds: below, a step runs on `small` threads
 
 
 def macs_per_token(model) -> int:
