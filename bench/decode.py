@@ -20,9 +20,10 @@ that checkpoint (glm5.load_model / GlmMoeDsaForCausalLM.from_pretrained, fp32) u
    counted k/E, one embedding row; no MTP) / copy bandwidth (torch copy_ of a weights-sized buffer, read + write
    bytes; a 1 GiB buffer too, since this CPU's 480 MiB L3 can hold the whole small model).
 
-Contention: the machine is shared. Every timed repeat compares its process CPU time with wall time x threads and is
-discarded and re-run (at most --max-retries) when the process was off its cores for more than --max-stall of it.
-One thread (the default) makes this check exact and avoids OpenMP barrier stalls when another task takes a core.
+Contention: the machine is shared. Every timed repeat compares its process CPU time with wall time x threads (for
+the engine, the threads its decode steps run on: engine/threads.py keeps batch-1 steps on one) and is discarded and
+re-run (at most --max-retries) when the process was off its cores for more than --max-stall of it. One thread (the
+default) makes this check exact and avoids OpenMP barrier stalls when another task takes a core.
 """
 
 from __future__ import annotations
@@ -49,13 +50,17 @@ class Stall:
     also counts tasks waiting behind us). Exact for one thread; with two, a descheduled thread's partner may spin
     and hide part of the loss."""
 
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # the threads the timed work runs on (default: torch's count)
+
     def __enter__(self):
         self.c0, self.t0 = time.process_time(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.t0
-        self.share = max(0.0, 1 - (time.process_time() - self.c0) / (wall * torch.get_num_threads()))
+        threads = self.threads or torch.get_num_threads()
+        self.share = max(0.0, 1 - (time.process_time() - self.c0) / (wall * threads))
 
 
 def retry(fn, args):
@@ -89,7 +94,7 @@ def _engine_decode(eng, prompt, gen):
     t_submit = time.perf_counter()
     eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=gen + 1, ignore_eos=True))
     stamps, toks = [], []
-    with Stall() as st:
+    with Stall(eng.threads.for_tokens(1)) as st:  # a batch-1 decode step's threads (engine/threads.py)
         while eng.has_unfinished():
             for o in eng.step():
                 toks += o.new_token_ids
@@ -187,7 +192,7 @@ def worker_glm5_concurrent(args, ckpt, ids):
         eng.generate([ids[:64]], SamplingParams(temperature=0, max_tokens=4))  # warm-up
         prompts = [torch.randint(0, V, (P,), generator=g).tolist() for _ in range(n)]  # distinct: no prefix hits
         stamps = {}
-        with Stall() as st:
+        with Stall(eng.threads.for_tokens(n)) as st:  # the threads of its decode steps (most of the run)
             t0 = time.perf_counter()
             for p in prompts:
                 eng.add_request(p, SamplingParams(temperature=0, max_tokens=G, ignore_eos=True))
