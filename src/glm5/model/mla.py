@@ -219,7 +219,8 @@ class MLAttention(nn.Module):
 
     def _attend_shared(self, q_nope_BTHN, q_rope_BTHR, lat_BSL, visible_BTS, topk_BTK, attn_impl, key_end_T):
         """All queries see the same S key slots, masked per query (visibility, and the top-k when given): SDPA per
-        query block, each over the keys up to its last visible one, with a [B, t, s] mask of at most BLOCK_ELEMS."""
+        query block, each over the keys up to its last visible one, with a [B, t, s] mask of at most BLOCK_ELEMS; a
+        decode-sized absorbed call takes _attend_latent over all its keys at once instead."""
         s_max = max(1, int(max(key_end_T)))
         lat_BSL = lat_BSL[:, :s_max]  # keys past every query's last visible one are never read
         B, T = q_nope_BTHN.shape[:2]
