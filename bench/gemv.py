@@ -8,7 +8,7 @@ choices: the runner's LM head layout for calls of few rows (engine/runner.Head) 
 
 For each [N, K] weight W and rows M: y = x @ W.T with W stored as is ([N, K] rows, what nn.Linear holds), with W
 stored transposed ([K, N] contiguous, the same matrix read column by column) and, where torch has oneDNN, through
-oneDNN's linear over a copy prepacked into its blocked layout (what engine/runner.Head uses past 3 rows); at 1
+oneDNN's linear over a copy prepacked into its blocked layout (what engine/runner.Head uses from 2 rows); at 1
 thread and at --threads. Each
 number is the median of --repeats timed calls after warm-up, as GB/s of weight read (N * K * 4 bytes per call) so
 it compares with the machine's memory bandwidth, printed beside it (a 1 GiB sum).

@@ -43,14 +43,13 @@ def group_rows(plan: list[tuple[Sequence, int]], short: int = 1) -> list[list[tu
 class Head:
     """The LM head as the runner applies it: an fp32, bias-free head on a CPU is multiplied through a layout made for
     few rows, since MKL's product over the [V, D] matrix nn.Linear holds is slow there for few rows. Measured on a
-    2-core AMD EPYC (AVX2; bench/gemv.py, BENCHMARKS.md), one thread:
+    2-core AMD EPYC (AVX2; bench/gemv.py, BENCHMARKS.md), one thread, quiet:
 
-    - up to GEMV_ROWS rows (batch-1 decode, a verify of one or two drafts): the same matrix stored [D, V] reads at
-      ~2x MKL's speed over [V, D] (the `small` preset's 32768 x 512 head, one row: 4.2 against 8.4 ms; the shipped
-      model's 4096 x 256 at 1 / 2 / 3 rows: 0.40 / 0.48 / 0.74 against 1.0 / 1.2 / 1.8 ms);
-    - more rows (batch decode, longer verifies): oneDNN's product over a copy prepacked into its own blocked layout,
-      1.3-2.3x MKL's speed (16 rows: 15 against 26 ms for the 32768-row head, 1.5 against 2.0 for the 4096-row one),
-      where the [D, V] layout falls behind MKL's.
+    - one row (batch-1 decode): the same matrix stored [D, V] reads at 1.3-2.2x MKL's speed over [V, D] (the `small`
+      preset's 32768 x 512 head: 15.3 against 6.9 GB/s; the shipped model's 4096 x 256: 27.4 against 21.3);
+    - more rows (batch decode, a verify of drafts): oneDNN's product over a copy prepacked into its own blocked
+      layout, 2.0-3.3x MKL's speed from 2 to 4 rows (the shipped head at 2 / 3 rows: 24.0 / 21.2 GB/s against
+      [D, V]'s 14.6 / 9.6 and MKL's 11.4 / 7.6), 1.8x at 16 rows, and 3x with 2 threads, where MKL gains nothing.
 
     Each copy is made on first use and remade whenever the weight changes: its version counter moves on every
     in-place write (an optimizer step), and the engine's update_weights calls invalidate(). Each costs the head's size
@@ -58,7 +57,7 @@ class Head:
     oneDNN, calls of more rows go through nn.Linear. The layouts sum in different orders: logits agree with
     nn.Linear's to ~1e-6 relative."""
 
-    GEMV_ROWS = 3
+    GEMV_ROWS = 1
 
     def __init__(self, lm_head):
         self.lm_head = lm_head
