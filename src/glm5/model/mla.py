@@ -82,6 +82,17 @@ def resolve_dsa(dsa_impl: str, T: int, keys_per_query: float = 0.0, k: int = 1) 
     return "gather" if T <= DECODE_T or keys_per_query > GATHER_FROM * k else "mask"
 
 
+def _kept(visible_BTS, topk_BTK, t0: int, t1: int, s1: int) -> torch.Tensor:
+    """bool [B, t1-t0, s1]: the keys below s1 that queries t0..t1-1 attend to, visible and (when given) top-k picks.
+    Picks at or past s1 are invisible fillers: they land in an extra column, dropped."""
+    keep_Bts = visible_block(visible_BTS, t0, t1, s1)
+    if topk_BTK is None:
+        return keep_Bts
+    chosen_Bts = torch.zeros_like(keep_Bts[..., :1]).expand(-1, -1, s1 + 1).clone()
+    chosen_Bts.scatter_(-1, topk_BTK[:, t0:t1].clamp(max=s1), True)
+    return keep_Bts & chosen_Bts[..., :s1]
+
+
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, has_indexer: bool):
         super().__init__()
@@ -227,11 +238,7 @@ class MLAttention(nn.Module):
         if attn_impl == "absorbed" and T <= DECODE_T and B * T * s_max <= BLOCK_ELEMS:
             # A decode-sized call over one latent "head": two batched products over [B, T*H] query rows beat SDPA's
             # kernel, which runs a [1, s] product per (row, head) (2x at batch 16 x 150 keys, 1.6x at 1 x 512 here).
-            keep_BTs = visible_block(visible_BTS, 0, T, s_max)
-            if topk_BTK is not None:
-                chosen_BTs = torch.zeros_like(keep_BTs[..., :1]).expand(-1, -1, s_max + 1).clone()
-                chosen_BTs.scatter_(-1, topk_BTK.clamp(max=s_max), True)
-                keep_BTs = keep_BTs & chosen_BTs[..., :s_max]
+            keep_BTs = _kept(visible_BTS, topk_BTK, 0, T, s_max)
             return self._attend_latent(self._absorb_q(q_nope_BTHN, q_rope_BTHR), lat_BSL, keep_BTs)
         if attn_impl == "expanded":
             k_BSHE, v_BSHV = self._expand(lat_BSL)
@@ -253,12 +260,7 @@ class MLAttention(nn.Module):
         for t0 in range(0, T, step):  # query blocks stop at their last visible key: causal work halves
             t1 = min(T, t0 + step)
             s1 = max(1, int(max(key_end_T[t0:t1])))
-            keep_Bts = visible_block(visible_BTS, t0, t1, s1)
-            if topk_BTK is not None:
-                # picks at or past s1 are invisible fillers: they land in an extra column, dropped
-                chosen_Bts = torch.zeros_like(keep_Bts[..., :1]).expand(-1, -1, s1 + 1).clone()
-                chosen_Bts.scatter_(-1, topk_BTK[:, t0:t1].clamp(max=s1), True)
-                keep_Bts = keep_Bts & chosen_Bts[..., :s1]
+            keep_Bts = _kept(visible_BTS, topk_BTK, t0, t1, s1)
             bias_B1ts = torch.where(keep_Bts[:, None], zero, neg)
             o_BHTE[:, :, t0:t1] = F.scaled_dot_product_attention(
                 q_BHTE[:, :, t0:t1], k_BHSE[:, :, :s1], v_BHSV[:, :, :s1], attn_mask=bias_B1ts,
