@@ -10,6 +10,12 @@ its runtime says; the model only has to copy it into the answer).
 Splits, disjoint by construction: each capability's requests and its tools are two disjoint lists (train, heldout),
 so a held-out chat uses request wordings and tool names that no training chat contains. The capabilities, slot values
 and refusals are shared: they are what the model must carry over to new names and wordings.
+
+Training chats mostly declare made-up tools (`made_up_tool`): a name from word pools that share no word with any
+held-out name, one of the capability's training descriptions, and parameter names that are the capability's own or
+generic ones. With a handful of fixed names per capability a small model learns the names by heart and writes them
+whatever is declared (a first run called train-split names in every held-out chat); with names it cannot have seen,
+the only way to call right is to read the declaration and copy the name and parameters from it.
 """
 
 from __future__ import annotations
@@ -224,6 +230,30 @@ CALCULATORS = (
 def tool_names(split_index: int) -> set[str]:
     """Every tool name of one split (0 train, 1 heldout)."""
     return {t.name for c in CAPABILITIES for t in c.tools[split_index]} | {t.name for t in CALCULATORS[split_index]}
+
+
+# Word pools of made-up tool names: none is a word of a held-out tool name (checked by the tests).
+_NAME_VERBS = ("get", "do", "run", "ask", "query", "check", "read", "use", "pull", "grab", "seek", "load", "make",
+               "show", "give", "tell", "see", "try", "open", "hit")
+_NAME_NOUNS = ("atlas", "beacon", "cobalt", "delta", "ember", "falcon", "garnet", "harbor", "iris", "jade", "kestrel",
+               "lumen", "maple", "nimbus", "onyx", "pixel", "quartz", "raven", "sierra", "tango", "umber", "vortex",
+               "willow", "xenon", "yarrow", "zephyr", "helper", "service", "api", "kit", "hub", "desk", "bot", "agent",
+               "util", "box", "link", "node", "relay", "oracle")
+_PARAM_WORDS = ("arg", "value", "input", "item", "spec", "field", "data", "param", "key", "x", "name", "what")
+
+
+def made_up_tool(rng: random.Random, key: str, tools: tuple[Tool, ...]) -> Tool:
+    """A training tool of capability `key` (whose fixed training tools are `tools`) under a name, and with parameter
+    names, no held-out chat uses: the model has to copy them from the declaration."""
+    v, n, m = rng.choice(_NAME_VERBS), rng.choice(_NAME_NOUNS), rng.choice(_NAME_NOUNS)
+    name = rng.choice((f"{v}_{n}", f"{n}_{v}", f"{n}_{m}" if n != m else n, f"{v}{n}", n))
+    params, used = {}, set()
+    for slot in tools[0].params:
+        own = sorted({t.params[slot] for t in tools} - used)
+        generic = sorted(set(_PARAM_WORDS) - used)
+        params[slot] = rng.choice(own if own and rng.random() < 0.5 else generic)
+        used.add(params[slot])
+    return Tool(name, rng.choice(tools).description, params)
 
 
 def call_args(tool: Tool, slots: dict) -> dict:

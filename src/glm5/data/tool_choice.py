@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 
 from .arithmetic import arithmetic
-from .capabilities import BY_KEY, CALCULATORS, CAPABILITIES, Capability, Tool, call_args
+from .capabilities import BY_KEY, CALCULATORS, CAPABILITIES, Capability, Tool, call_args, made_up_tool
 from .common import Pool, check_split, draw, rng_for
 from .example import Example
 from .scope import multiply_example, tool_refusal
@@ -36,6 +36,9 @@ CASES = ("call", "refuse", "answer")
 CASE_WEIGHTS = (0.5, 0.25, 0.25)
 CALC = "calculator"  # the key of the calculator capability (built here, not in the catalog)
 KEYS = tuple(c.key for c in CAPABILITIES) + (CALC,)
+# Share of training tools declared under made-up names (glm5.data.capabilities.made_up_tool); the rest keep the
+# split's fixed names, "calculator" among them.
+MADE_UP = 0.75
 ANSWER_FAMILIES = ("arithmetic", "arithmetic_typed", "world", "unknown", "chat")
 
 
@@ -54,7 +57,18 @@ def _declare(rng: random.Random, split: str, must: str | None, avoid: set[str]) 
     keys = rng.sample(others, rng.randint(1, 4) - (must is not None))
     if must is not None:
         keys.insert(rng.randrange(len(keys) + 1), must)
-    return [(k, rng.choice(_tools_of(k, split))) for k in keys]
+    out, names = [], set()
+    for k in keys:
+        tool = draw(rng, lambda t: t.name not in names, lambda r: _tool(r, k, split), "distinct tool name")
+        names.add(tool.name)
+        out.append((k, tool))
+    return out
+
+
+def _tool(rng: random.Random, key: str, split: str) -> Tool:
+    """A tool of capability `key`: in training mostly a made-up one (MADE_UP), else one of the split's fixed tools."""
+    tools = _tools_of(key, split)
+    return made_up_tool(rng, key, tools) if split == "train" and rng.random() < MADE_UP else rng.choice(tools)
 
 
 def _big_product(rng: random.Random, split: str) -> tuple[int, int]:

@@ -128,8 +128,8 @@ CI = replace(
 
 # SFT conversations of the generators that meet users where they are (glm5.data: arithmetic_typed, multiturn,
 # nothink, scope, tool_choice; ~0.8M tokens at the shipped tokenizer, next to the ~1.2M of FULL's SFT chats). FULL does
-# not train on them yet: the `full_reliable` recipe is FULL with them added to its SFT, nothing else changed, so at
-# FULL's 260 SFT steps each chat is seen ~1.2 times instead of ~2.3.
+# not train on them yet: the `full_reliable` recipe is FULL with them added to its SFT and twice the SFT steps, so
+# that each chat is seen ~2.3 times as in FULL (at FULL's 260 steps, ~1.2 times: the base suites fell; dev/LOG.md).
 RELIABLE_SFT_CHATS = {"arithmetic_typed": 2000, "multiturn": 1200, "nothink": 1500, "scope": 1000, "tool_choice": 800}
 # Its eval adds the held-out suites those chats are for, at 200 examples a suite (each target is judged at n >= 200):
 # 3-4-digit operands, unseen wordings, thinking off (the same questions as the thinking-on suites), later turns,
@@ -137,6 +137,7 @@ RELIABLE_SFT_CHATS = {"arithmetic_typed": 2000, "multiturn": 1200, "nothink": 15
 RELIABLE_EVAL_SUITES = ("arithmetic_long", "arithmetic_typed", "arithmetic_nothink", "world_nothink", "chat_nothink",
                         "multiturn", "scope", "tool_choice")
 FULL_RELIABLE = replace(FULL, name="full_reliable", sft_chats={**FULL.sft_chats, **RELIABLE_SFT_CHATS},
+                        sft=replace(FULL.sft, steps=2 * FULL.sft.steps),
                         eval_n=200, eval_suites=FULL.eval_suites + RELIABLE_EVAL_SUITES)
 
 RECIPES = {"full": FULL, "ci": CI, "full_reliable": FULL_RELIABLE}
