@@ -229,3 +229,16 @@ def test_mixture_and_recipe_option():
     got = sft_examples(r, Tokenizer.default(), seed=0)
     assert len(got) == 7 and sum(e.family == "scope" for e in got) >= 3 and sum(not e.thinking for e in got) == 2
     assert set(VARIANTS) >= {"arithmetic_nothink", "world_nothink", "chat_nothink"}
+
+
+def test_small_talk_trains_many_typed_phrasings_and_never_a_heldout_one():
+    from glm5.data.smalltalk import _NAMES, INTENTS, normalized
+
+    held = {normalized(t.format(name=n)) for intent in INTENTS.values() for t in intent[3] for n in _NAMES}
+    train = [e.messages[0]["content"] for e in examples("chat", "train", 3000, 0)]
+    assert not {normalized(t) for t in train} & held
+    assert len(set(train)) > 300  # many phrasings, typed several ways
+    assert any(t == t.lower() and t != t.upper() for t in train) and any(t[-1].isalnum() for t in train)
+    heldout = examples("chat", "heldout", 300, 0)
+    assert {e.messages[0]["content"] for e in heldout} <= {t.format(name=n) for intent in INTENTS.values()
+                                                           for t in intent[3] for n in _NAMES}
