@@ -220,8 +220,9 @@ def test_mixture_and_recipe_option():
     from glm5.speedrun.pipeline import sft_examples
     from glm5.speedrun.recipe import CI, FULL, RECIPES, RELIABLE_SFT_CHATS
 
-    assert set(NEW) <= set(GENERATORS) and set(RELIABLE_SFT_CHATS) == set(NEW)
+    assert set(NEW) <= set(GENERATORS) and set(RELIABLE_SFT_CHATS) == set(NEW) | {"chat"}
     assert not set(FULL.sft_chats) & set(NEW)  # FULL's speedrun does not train on them
+    assert RELIABLE_SFT_CHATS["chat"] > FULL.sft_chats["chat"]  # more small talk beside the refusals
     assert RECIPES["full_reliable"].sft_chats == {**FULL.sft_chats, **RELIABLE_SFT_CHATS}
     m = chat_mixture("train", 60, seed=1, weights={"scope": 1, "tool_choice": 1, "multiturn": 1})
     assert {e.family for e in m} >= {"scope", "tool_choice"}

@@ -127,10 +127,13 @@ CI = replace(
 )
 
 # SFT conversations of the generators that meet users where they are (glm5.data: arithmetic_typed, multiturn,
-# nothink, scope, tool_choice; ~0.8M tokens at the shipped tokenizer, next to the ~1.2M of FULL's SFT chats). FULL does
-# not train on them yet: the `full_reliable` recipe is FULL with them added to its SFT and twice the SFT steps, so
-# that each chat is seen ~2.3 times as in FULL (at FULL's 260 steps, ~1.2 times: the base suites fell; dev/LOG.md).
-RELIABLE_SFT_CHATS = {"arithmetic_typed": 2000, "multiturn": 1200, "nothink": 1500, "scope": 1000, "tool_choice": 800}
+# nothink, scope, tool_choice), and four times FULL's small talk (its 150 chats were outnumbered by ~1,200 refusals,
+# and held-out small talk came back as refusals); ~1.2M tokens at the shipped tokenizer, next to the ~1.2M of FULL's
+# SFT chats. FULL does not train on them yet: the `full_reliable` recipe is FULL with them added to its SFT and twice
+# the SFT steps, so that each chat is seen about twice as in FULL (at FULL's 260 steps about once: the base suites
+# fell; dev/LOG.md).
+RELIABLE_SFT_CHATS = {"arithmetic_typed": 2000, "multiturn": 1200, "nothink": 1500, "scope": 1000, "tool_choice": 2000,
+                      "chat": 600}
 # Its eval adds the held-out suites those chats are for, at 200 examples a suite (each target is judged at n >= 200):
 # 3-4-digit operands, unseen wordings, thinking off (the same questions as the thinking-on suites), later turns,
 # out-of-scope requests and user-declared tools.
