@@ -242,8 +242,8 @@ _NAME_NOUNS = ("atlas", "beacon", "cobalt", "delta", "ember", "falcon", "garnet"
 _PARAM_WORDS = ("arg", "value", "input", "item", "spec", "field", "data", "param", "key", "x", "name", "what")
 
 
-def made_up_tool(rng: random.Random, key: str, tools: tuple[Tool, ...]) -> Tool:
-    """A training tool of capability `key` (whose fixed training tools are `tools`) under a name, and with parameter
+def made_up_tool(rng: random.Random, tools: tuple[Tool, ...]) -> Tool:
+    """A training tool of the capability whose fixed training tools are `tools`, under a name, and with parameter
     names, no held-out chat uses: the model has to copy them from the declaration."""
     v, n, m = rng.choice(_NAME_VERBS), rng.choice(_NAME_NOUNS), rng.choice(_NAME_NOUNS)
     name = rng.choice((f"{v}_{n}", f"{n}_{v}", f"{n}_{m}" if n != m else n, f"{v}{n}", n))

@@ -68,7 +68,7 @@ def _declare(rng: random.Random, split: str, must: str | None, avoid: set[str]) 
 def _tool(rng: random.Random, key: str, split: str) -> Tool:
     """A tool of capability `key`: in training mostly a made-up one (MADE_UP), else one of the split's fixed tools."""
     tools = _tools_of(key, split)
-    return made_up_tool(rng, key, tools) if split == "train" and rng.random() < MADE_UP else rng.choice(tools)
+    return made_up_tool(rng, tools) if split == "train" and rng.random() < MADE_UP else rng.choice(tools)
 
 
 def _big_product(rng: random.Random, split: str) -> tuple[int, int]:
