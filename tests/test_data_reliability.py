@@ -178,6 +178,28 @@ def test_tool_choice_declares_split_tools_and_calls_only_declared_ones():
     assert not templates["train"] & templates["heldout"]
 
 
+
+def test_tool_choice_reasoning_names_tools_in_their_declared_tokens():
+    """A tool's name in the reasoning is the token sequence of its declaration (quoted, so the pre-tokeniser cuts
+    it alike), so that naming a declared tool is a copy."""
+    tok = Tokenizer.default()
+    seen = 0
+    for e in examples("tool_choice", "train", 200, 5):
+        decl = render_chat(tok, e.prompt_messages, e.tools).ids
+        for m in e.messages:
+            reasoning = m.get("reasoning_content") or ""
+            for name in re.findall(r'"([^"]+)"', reasoning):
+                assert name in e.meta["declared"]
+                opener, *name_ids = tok.encode(f' "{name}')
+                assert tok.decode([opener]) == ' "' and _contains(decl, name_ids)
+                assert _contains(tok.encode(reasoning), name_ids), (name, reasoning)
+                seen += 1
+    assert seen > 150
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
 def test_multiturn_turns_refer_back_correctly():
     assert _lists_disjoint(*CONNECTORS.values()) and _lists_disjoint(*WHAT_ABOUT)
     for op in FOLLOW_UPS:

@@ -6,7 +6,9 @@ The right move is one of:
           tool for that."; a large multiplication without a declared calculator gets the arithmetic refusal);
   answer  the request needs no tool (arithmetic the column method does, a world fact, an unknown name, small talk):
           answer as without tools.
-Never a tool that was not declared. meta["expect"] is "call" or "answer" (a refusal is an answer), meta["call"] the
+Never a tool that was not declared. The reasoning writes a tool's name in double quotes, as its declaration does
+(`"name": "fx_convert"`): the pre-tokeniser then cuts the name into the same tokens in both places (unquoted after a
+space it would start with a different token), so naming a declared tool is a token-for-token copy. meta["expect"] is "call" or "answer" (a refusal is an answer), meta["call"] the
 gold call ({"name", "arguments"}) or None, meta["declared"] the declared names, meta["inner"] the family whose rule
 scores an answer (arithmetic, world, unknown, chat, scope).
 
@@ -71,6 +73,11 @@ def _tool(rng: random.Random, key: str, split: str) -> Tool:
     return made_up_tool(rng, tools) if split == "train" and rng.random() < MADE_UP else rng.choice(tools)
 
 
+def _q(name: str) -> str:
+    """A tool name as the reasoning writes it: quoted, as in its declaration (see the module docstring)."""
+    return f'"{name}"'
+
+
 def _big_product(rng: random.Random, split: str) -> tuple[int, int]:
     """A 3-4 digit by 3-4 digit product of the split (the tool family's problems and hash)."""
     return draw(rng, lambda p: pair_split(*p) == split,
@@ -111,10 +118,10 @@ def call_chat(rng: random.Random, split: str) -> Example:
     what = "This is a large multiplication." if key == CALC else f"This needs a tool that can {BY_KEY[key].refusal}."
     call = {"type": "function", "function": {"name": tool.name, "arguments": args}}
     messages = [{"role": "user", "content": question},
-                {"role": "assistant", "reasoning_content": f"{what} {tool.name} does it, so I call it.",
+                {"role": "assistant", "reasoning_content": f"{what} {_q(tool.name)} does it, so I call it.",
                  "content": "", "tool_calls": [call]},
                 {"role": "tool", "content": result},
-                {"role": "assistant", "reasoning_content": f"{tool.name} returned {result}.", "content": final}]
+                {"role": "assistant", "reasoning_content": f"{_q(tool.name)} returned {result}.", "content": final}]
     return Example("tool_choice", messages, final, tools=[_schema(k, t) for k, t in declared],
                    meta={"expect": "call", "call": {"name": tool.name, "arguments": args}, "capability": key,
                          "declared": [t.name for _, t in declared], "inner": None, "template": template})
@@ -124,16 +131,17 @@ def refuse_chat(rng: random.Random, split: str) -> Example:
     key = rng.choice(KEYS)
     declared = _declare(rng, split, None, {key})
     names = [t.name for _, t in declared]
+    listed = ", ".join(map(_q, names))
     if key == CALC:  # the arithmetic refusal, in the scope family's words
         inner = multiply_example(rng, split)
         user, gold = inner.messages
-        reasoning = f"None of my tools ({', '.join(names)}) is a calculator. {gold['reasoning_content']}"
+        reasoning = f"None of my tools ({listed}) is a calculator. {gold['reasoning_content']}"
         question, content, specific, template = user["content"], gold["content"], inner.meta["specific"], \
             inner.meta["template"]
     else:
         cap = BY_KEY[key]
         question, _, template = _request(rng, split, key)
-        reasoning = f"This needs a tool that can {cap.refusal}. None of my tools ({', '.join(names)}) can."
+        reasoning = f"This needs a tool that can {cap.refusal}. None of my tools ({listed}) can."
         content, specific = tool_refusal(cap.refusal), f"I can't {cap.refusal}"
     messages = [{"role": "user", "content": question},
                 {"role": "assistant", "reasoning_content": reasoning, "content": content}]
