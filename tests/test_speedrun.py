@@ -247,6 +247,43 @@ def test_copy_probe_scores_the_repeated_tool_result(ci_run):
     assert copy_probe(model_dir, tok, n=6) == pytest.approx(nll / count, abs=2e-3)
 
 
+
+def test_name_probe_scores_the_called_declared_name(ci_run):
+    """Each training stage records name_probe; it equals the NLL, read off one full-sequence forward pass, of the
+    name the gold call writes after the assistant's `<tool_call>` (found here by decoding, not by token ids)."""
+    from glm5 import load_model
+    from glm5.data import examples
+    from glm5.model.model import Impl
+    from glm5.speedrun.pipeline import name_probe
+    from glm5.tokenizer import Tokenizer
+    from glm5.train.sft import chat_doc
+
+    out, model_dir = ci_run
+    for stage in ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align"):
+        assert json.loads((out / stage / "done.json").read_text())["name_copy_nll"] > 0
+    assert "declared-name NLL" in (out / "report.md").read_text()
+    tok = Tokenizer.from_dir(model_dir)
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    model.impl = Impl(dsa="off")
+    nll, count, n = 0.0, 0, 0
+    for ex in examples("tool_choice", "heldout", 16):
+        if ex.meta["expect"] != "call" or n == 4:
+            continue
+        ids = chat_doc(tok, ex.messages, ex.tools)["ids"]
+        text = tok.decode(ids)
+        name = ex.meta["call"]["name"]
+        assert "<|assistant|>" in text and f"<tool_call>{name}" in text.split("<|assistant|>", 1)[1]
+        # the system prompt's format line shows the tag once; the call is the second
+        start = min(k for k in range(len(ids)) if tok.decode(ids[:k]).count("<tool_call>") == 2)
+        name_ids = tok.encode(name)
+        assert ids[start:start + len(name_ids)] == name_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).float()[0], -1)
+        nll -= sum(logp[start - 1 + i, t].item() for i, t in enumerate(name_ids))
+        count += len(name_ids)
+        n += 1
+    assert n == 4 and name_probe(model_dir, tok, n=4) == pytest.approx(nll / count, abs=2e-3)
+
 def test_full_run_without_fast_bf16_is_warned_about(monkeypatch):
     """A full speedrun on a CPU without fast bf16 trains in fp32, about twice as slowly: said up front. Where bf16 is
     fast, and for the CI-sized recipe, nothing is said. A full-size recipe with other data is warned about too."""

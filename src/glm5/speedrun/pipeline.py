@@ -246,9 +246,10 @@ def stage_train(run: SpeedrunState, name: str, on_step) -> dict:
 
         rec = read_metrics(run.out / name / "metrics.jsonl")[-1]
     model_dir = run.last_model(name)
-    info = {"model": str(model_dir), "last": rec, "copy_nll": copy_probe(model_dir, tok), **fact_probe(model_dir, tok)}
-    log.info("%s: copy NLL %.2f (copies below ~0.5, does not above ~2); facts %.0f%% recalled (NLL %.2f)", name,
-             info["copy_nll"], 100 * info["fact_recall"], info["fact_nll"])
+    info = {"model": str(model_dir), "last": rec, "copy_nll": copy_probe(model_dir, tok),
+            "name_copy_nll": name_probe(model_dir, tok), **fact_probe(model_dir, tok)}
+    log.info("%s: copy NLL %.2f (copies below ~0.5, does not above ~2); declared-name NLL %.2f; facts %.0f%% recalled "
+             "(NLL %.2f)", name, info["copy_nll"], info["name_copy_nll"], 100 * info["fact_recall"], info["fact_nll"])
     return info
 
 
@@ -259,23 +260,51 @@ def copy_probe(model_dir: str | Path, tok, n: int = 24) -> float:
     family needs it (a tool result, a needle's code, operands into column steps): ~0.4 after a pre-training that
     copies and 2.2 after one that does not, against ~2.3 for the same number where the tool first states it."""
     from ..data import examples
-    from ..eval.run import attention_mode
-    from ..loader import load_model
     from ..train.sft import chat_doc
 
-    model = load_model(model_dir, dtype=torch.float32).eval()
+    spans = []
     assistant = tok.token_id("<|assistant|>")
-    total, count = 0.0, 0
     for ex in examples("tool", "heldout", n):
         ids = chat_doc(tok, ex.messages, ex.tools)["ids"]
         num, start = tok.encode(ex.answer), len(ids) - ids[::-1].index(assistant)  # the last assistant turn
         at = next((i for i in range(start, len(ids) - len(num) + 1) if ids[i:i + len(num)] == num), None)
-        if at is None:  # the number merged with a neighbouring token: not a clean probe
+        if at is not None:  # else the number merged with a neighbouring token: not a clean probe
+            spans.append((ids, at, len(num)))
+    return _span_nll(model_dir, spans)
+
+
+def name_probe(model_dir: str | Path, tok, n: int = 24) -> float:
+    """Does the model read a tool declaration? Mean NLL per token of the name in the first `<tool_call>` of n
+    held-out `tool_choice` chats that call a tool (names no training chat declares; every token after the tag is in
+    the declaration above), dense attention. Near 0 where the model copies the name from its declaration; the
+    fp32 full_reliable runs read ~6 after SFT (they write tool names from memory), ~9 after pre-training."""
+    from ..data import examples
+    from ..train.sft import chat_doc
+
+    spans, tag, assistant = [], tok.token_id("<tool_call>"), tok.token_id("<|assistant|>")
+    for ex in examples("tool_choice", "heldout", 4 * n):
+        if ex.meta["expect"] != "call" or len(spans) == n:
             continue
+        ids, name = chat_doc(tok, ex.messages, ex.tools)["ids"], tok.encode(ex.meta["call"]["name"])
+        at = ids.index(tag, ids.index(assistant)) + 1  # the call, not the system prompt's format line
+        if ids[at:at + len(name)] == name:
+            spans.append((ids, at, len(name)))
+    return _span_nll(model_dir, spans)
+
+
+def _span_nll(model_dir: str | Path, spans: list[tuple[list[int], int, int]]) -> float:
+    """Mean NLL per token of ids[at:at + k] given what precedes it, over (ids, at, k) spans; dense attention (a
+    pre-training checkpoint's indexer is untrained)."""
+    from ..eval.run import attention_mode
+    from ..loader import load_model
+
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for ids, at, k in spans:
         with torch.no_grad(), attention_mode(model, "dense"):
-            logp = torch.log_softmax(model(torch.tensor([ids[:at + len(num)]])).float()[0, at - 1:-1], -1)
-        total -= logp.gather(-1, torch.tensor(num)[:, None]).sum().item()
-        count += len(num)
+            logp = torch.log_softmax(model(torch.tensor([ids[:at + k]])).float()[0, at - 1:-1], -1)
+        total -= logp.gather(-1, torch.tensor(ids[at:at + k])[:, None]).sum().item()
+        count += k
     return round(total / max(count, 1), 3)
 
 

@@ -152,6 +152,7 @@ def write_report(out: str | Path, stages) -> Path:
             summary = f"step {last['step']}, loss {last['loss']:.4f}" + (
                 f", recall {last['recall']:.3f}" if "recall" in last else "") + (
                 f", copy NLL {info['copy_nll']:.2f}" if "copy_nll" in info else "") + (
+                f", declared-name NLL {info['name_copy_nll']:.2f}" if "name_copy_nll" in info else "") + (
                 f", facts recalled {100 * info['fact_recall']:.0f}%" if "fact_recall" in info else "")
         elif "skipped" in info:
             summary = f"skipped: {info['skipped']}"
