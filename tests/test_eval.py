@@ -591,6 +591,31 @@ def test_score_tool_choice():
     assert (s["call_accuracy"], s["answer_accuracy"]) == (0.5, 0.5)
 
 
+
+def test_tool_chats_decode_as_served(tok):
+    """With tools declared the eval decodes under the server's grammar (glm5.server.runs.turn_grammar): a random
+    model pushed toward the call tags then writes calls of declared tools only, each with that tool's parameter
+    names; unconstrained (served_tools=False) the same model writes no well-formed call at all."""
+    import re
+
+    from .test_grammar import tagged_model
+
+    model = tagged_model()
+    suite = {"tool_choice": [_tc(True, meta={"template": str(i)}) for i in range(3)]}
+    done = {}
+    for served in (True, False):
+        r = evaluate(model, tok, suite, mtp=False, progress=False, max_tokens=48, served_tools=served)
+        assert r["config"]["served_tools"] is served
+        done[served] = r["records"]
+    params = {"get_weather": {"city"}, "set_timer": {"minutes"}}
+    for rec in done[True]:
+        calls = re.findall(r"<tool_call>(.*?)((?:<arg_key>.*?</arg_key>)?)<arg_value>", rec["text"])
+        assert calls and rec["calls"] and set(rec["calls"]) <= set(params) and rec["undeclared_calls"] == 0
+        for name, key in calls:
+            assert key[len("<arg_key>"):-len("</arg_key>")] in params[name]
+    assert all(not rec["calls"] and rec["outcome"] == "malformed" for rec in done[False])
+
+
 def test_summaries_by_turn_and_family_and_own_suites_only():
     recs = [{"suite": "multiturn", "family": f, "outcome": o, "meta": {"turn": t, "turn_kind": k}}
             for f, o, t, k in (("world", CORRECT, 1, "new"), ("arithmetic", WRONG, 2, "new"),

@@ -86,6 +86,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write the full result (with per-example records) here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--unconstrained-tools", action="store_true",
+                   help="decode chats that declare tools freely; by default they decode under the grammar glm5 serve "
+                        "puts on such a request (calls of declared tools only, with their parameter names)")
     p.set_defaults(fn=cmd_eval)
     return p
 
@@ -115,7 +118,8 @@ def cmd_eval(args) -> int:
     result = evaluate(loaded.model, loaded.tokenizer, n=args.n, seed=args.seed, max_tokens=args.max_tokens,
                       families=args.suites, retrieval_lengths=args.retrieval_lengths,
                       retrieval_depths=args.retrieval_depths, mtp=not args.no_mtp,
-                      cache_bytes=None if args.cache_mib is None else args.cache_mib << 20, progress=not args.quiet)
+                      cache_bytes=None if args.cache_mib is None else args.cache_mib << 20, progress=not args.quiet,
+                      served_tools=not args.unconstrained_tools)
     result["model"] = {"name": loaded.name, "source": loaded.source, "untrained": loaded.untrained}
     print(f"glm5 eval: {loaded.name} ({loaded.source}), n={args.n}, seed={args.seed}, "
           f"{result['seconds']:.0f} s\n")

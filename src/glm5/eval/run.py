@@ -12,6 +12,7 @@ Letters: B rows, T tokens, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -116,9 +117,10 @@ def mtp_acceptance(model, seqs: list[tuple[list[int], int]], *, hidden: list | N
 
 
 # ------------------------------------------------------------------------------------------------------ generation
-def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = False):
+def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = False, grammars: list | None = None):
     """Greedy completions of all prompts at once -> per prompt (output ids, finish_reason, hidden states or None,
-    log-probs of the output ids). Prompts that do not fit the engine get (None, reason, None, None)."""
+    log-probs of the output ids), each under its grammar where `grammars` gives one. Prompts that do not fit the
+    engine get (None, reason, None, None)."""
     from ..engine import SamplingParams, run_to_completion
 
     results: list = [None] * len(prompts)
@@ -130,7 +132,8 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = 
                           None)
             continue
         fit.append(i)
-        params.append(SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room)))
+        params.append(SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room),
+                                     grammar=grammars[i] if grammars else None))
     acc: dict[int, list[int]] = {i: [] for i in fit}
     lps: dict[int, list[float]] = {i: [] for i in fit}
     for k, o in run_to_completion(engine, [prompts[i] for i in fit], params, return_hidden=hidden):
@@ -142,9 +145,10 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = 
 
 
 def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tokens: int, calculator=None,
-              max_tool_rounds: int = 2, mtp: bool = True, progress: bool = True,
-              extra: dict | None = None) -> list[dict]:
-    """Generate, run tools, score, and (mtp) measure drafts for one suite -> per-example records."""
+              max_tool_rounds: int = 2, mtp: bool = True, progress: bool = True, extra: dict | None = None,
+              tool_grammar=None) -> list[dict]:
+    """Generate, run tools, score, and (mtp) measure drafts for one suite -> per-example records. tool_grammar:
+    tools -> the Grammar a turn with those tools decodes under (as the server does), or None: unconstrained."""
     from tqdm import tqdm
 
     eos = set(engine.eos_token_ids)
@@ -162,7 +166,10 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                         for i in active]
             for i, r in zip(active, rendered):
                 recs[i].setdefault("prompt_tokens", len(r.ids))
-            outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp)
+            grammars = [tool_grammar(examples[i].tools) if tool_grammar and examples[i].tools else None
+                        for i in active]
+            outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp,
+                             grammars=grammars if any(grammars) else None)
             again = []
             for i, r, (ids, finish, h, logprobs) in zip(active, rendered, outs):
                 ex, rec = examples[i], recs[i]
@@ -245,15 +252,39 @@ def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, leng
     return suites
 
 
+def _tool_grammars(tok):
+    """tools -> the compiled Grammar of an assistant turn offered them, as glm5.server.runs builds it (cached per
+    tool list; llguidance's tokenizer is built on the first call)."""
+    from ..chat import normalize_tools
+    from ..engine.grammar import Grammar, grammar_tokenizer
+    from ..server.runs import turn_grammar
+
+    gtok, cache = None, {}
+
+    def get(tools):
+        nonlocal gtok
+        key = json.dumps(tools, sort_keys=True)
+        if key not in cache:
+            if gtok is None:
+                gtok = grammar_tokenizer(tok.json, vocab_size=len(tok), eos_ids=tok.eos_ids,
+                                         special_ids=list(tok.special_ids.values()))
+            cache[key] = Grammar(gtok, turn_grammar(normalize_tools(tools)).text(),
+                                 after=tok.token_id("<|assistant|>"))
+        return cache[key]
+    return get
+
+
 def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *, n: int = 100, seed: int = 0,
              max_tokens: int = 256, families=FAMILIES, retrieval_lengths=RETRIEVAL_LENGTHS,
              retrieval_depths=RETRIEVAL_DEPTHS, retrieval_modes=RETRIEVAL_MODES, calculator=None, mtp: bool = True,
              max_tool_rounds: int = 2, cache_bytes: int | None = None, max_num_seqs: int = 64,
-             retrieval_max_tokens: int = RETRIEVAL_MAX_TOKENS, progress: bool = True) -> dict:
+             retrieval_max_tokens: int = RETRIEVAL_MAX_TOKENS, progress: bool = True, served_tools: bool = True) -> dict:
     """Run held-out suites through the engine and score them. suites: name -> examples (None: glm5.data's held-out
     split, n per family). A suite of retrieval examples runs once per retrieval mode; "sparse" uses index_topk =
     min(the model's, shortest retrieval prompt // 8), so DSA really drops keys; its generations stop at
-    retrieval_max_tokens (see RETRIEVAL_MAX_TOKENS). Returns a JSON-able dict."""
+    retrieval_max_tokens (see RETRIEVAL_MAX_TOKENS). served_tools: a chat that declares tools decodes under the
+    grammar `glm5 serve` puts on such a request (calls of declared tools only, with their parameter names); False
+    scores the model's unconstrained output. Returns a JSON-able dict."""
     from ..engine import Engine
 
     t0 = time.perf_counter()
@@ -276,7 +307,7 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
         notes.append("MTP acceptance skipped: the model has no MTP layer (num_nextn_predict_layers = 0)")
     records: list[dict] = []
     kw = dict(max_tokens=max_tokens, calculator=calculator, max_tool_rounds=max_tool_rounds, mtp=mtp and has_mtp,
-              progress=progress)
+              progress=progress, tool_grammar=_tool_grammars(tokenizer) if served_tools else None)
     for name, exs in suites.items():
         if not exs:
             continue
@@ -300,7 +331,7 @@ def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *
     if not (mtp and has_mtp):
         result["mtp"] = {"skipped": notes[0] if notes else "not requested"}
     result["config"] = {"n": n, "seed": seed, "max_tokens": max_tokens, "retrieval_max_tokens": retrieval_max_tokens,
-                        "max_tool_rounds": max_tool_rounds,
+                        "max_tool_rounds": max_tool_rounds, "served_tools": served_tools,
                         "retrieval_modes": list(retrieval_modes), "index_topk": model.config.index_topk,
                         "greedy": True, "enable_thinking": True,
                         "thinking_off_suites": sorted(name for name, exs in suites.items()

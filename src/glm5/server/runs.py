@@ -287,10 +287,9 @@ def chat_grammar(state: ServerState, req: ChatCompletionRequest) -> Grammar | No
         schema = (rf.json_schema or {}).get("schema")  # its shape is checked by _json_mode
     if not tools and schema is None:
         return None
-    g = _GrammarLines()
     forced = None if choice is None or isinstance(choice, str) else choice.function.name
-    _turn(g, tools, schema, forced=forced, required=choice == "required",
-          parallel=req.parallel_tool_calls is not False)
+    g = turn_grammar(tools, schema, forced=forced, required=choice == "required",
+                     parallel=req.parallel_tool_calls is not False)
     try:
         return state.compile_grammar(g.text())
     except GrammarError as e:
@@ -334,6 +333,16 @@ def _where(error: str) -> tuple[int | None, str]:
 
 def _lit(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)  # a JSON string is a Lark string literal
+
+
+def turn_grammar(tools: list[dict] | None, schema: Mapping | None = None, *, forced: str | None = None,
+                 required: bool = False, parallel: bool = True) -> _GrammarLines:
+    """The Lark lines an assistant turn follows (`.text()`): reasoning, then text and calls of the declared tools
+    only, each with its declared parameter names (or a JSON answer for `schema`). `glm5 eval` decodes tool chats
+    under it too, so that it scores what the server serves."""
+    g = _GrammarLines()
+    _turn(g, tools, schema, forced=forced, required=required, parallel=parallel)
+    return g
 
 
 def _turn(g: _GrammarLines, tools: list[dict] | None, schema: Mapping | None, *, forced: str | None,
