@@ -216,23 +216,29 @@ def test_fact_probe_scores_each_fact_as_one_unpadded_pass_would(ci_run):
     assert got["fact_nll"] == pytest.approx(nll / count, abs=2e-3) and got["fact_recall"] == round(recalled / n, 3)
 
 
-def test_copy_probe_scores_the_repeated_tool_result(ci_run):
-    """Each training stage records copy_probe; it equals the NLL read off one full-sequence forward pass at the
-    positions where the answer repeats the calculator's result."""
+def _probed_and_dense(ci_run, key: str, label: str):
+    """Every training stage recorded the probe `key` and the report shows `label`; -> the final model's dir, its
+    tokenizer, and the model in fp32 with dense attention (what the probes read)."""
     from glm5 import load_model
-    from glm5.data import examples
     from glm5.model.model import Impl
-    from glm5.speedrun.pipeline import copy_probe
     from glm5.tokenizer import Tokenizer
-    from glm5.train.sft import chat_doc
 
     out, model_dir = ci_run
     for stage in ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align"):
-        assert json.loads((out / stage / "done.json").read_text())["copy_nll"] > 0
-    assert "copy NLL" in (out / "report.md").read_text()
-    tok = Tokenizer.from_dir(model_dir)
+        assert json.loads((out / stage / "done.json").read_text())[key] > 0
+    assert label in (out / "report.md").read_text()
     model = load_model(model_dir, dtype=torch.float32).eval()
     model.impl = Impl(dsa="off")
+    return model_dir, Tokenizer.from_dir(model_dir), model
+
+def test_copy_probe_scores_the_repeated_tool_result(ci_run):
+    """Each training stage records copy_probe; it equals the NLL read off one full-sequence forward pass at the
+    positions where the answer repeats the calculator's result."""
+    from glm5.data import examples
+    from glm5.speedrun.pipeline import copy_probe
+    from glm5.train.sft import chat_doc
+
+    model_dir, tok, model = _probed_and_dense(ci_run, "copy_nll", "copy NLL")
     nll, count = 0.0, 0
     for ex in examples("tool", "heldout", 6):
         ids = chat_doc(tok, ex.messages, ex.tools)["ids"]
@@ -247,24 +253,14 @@ def test_copy_probe_scores_the_repeated_tool_result(ci_run):
     assert copy_probe(model_dir, tok, n=6) == pytest.approx(nll / count, abs=2e-3)
 
 
-
 def test_name_probe_scores_the_called_declared_name(ci_run):
     """Each training stage records name_probe; it equals the NLL, read off one full-sequence forward pass, of the
     name the gold call writes after the assistant's `<tool_call>` (found here by decoding, not by token ids)."""
-    from glm5 import load_model
     from glm5.data import examples
-    from glm5.model.model import Impl
     from glm5.speedrun.pipeline import name_probe
-    from glm5.tokenizer import Tokenizer
     from glm5.train.sft import chat_doc
 
-    out, model_dir = ci_run
-    for stage in ("pretrain", "dsa_warmup", "sparse", "sft", "dsa_align"):
-        assert json.loads((out / stage / "done.json").read_text())["name_copy_nll"] > 0
-    assert "declared-name NLL" in (out / "report.md").read_text()
-    tok = Tokenizer.from_dir(model_dir)
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    model.impl = Impl(dsa="off")
+    model_dir, tok, model = _probed_and_dense(ci_run, "name_copy_nll", "declared-name NLL")
     nll, count, n = 0.0, 0, 0
     for ex in examples("tool_choice", "heldout", 16):
         if ex.meta["expect"] != "call" or n == 4:
@@ -283,6 +279,7 @@ def test_name_probe_scores_the_called_declared_name(ci_run):
         count += len(name_ids)
         n += 1
     assert n == 4 and name_probe(model_dir, tok, n=4) == pytest.approx(nll / count, abs=2e-3)
+
 
 def test_full_run_without_fast_bf16_is_warned_about(monkeypatch):
     """A full speedrun on a CPU without fast bf16 trains in fp32, about twice as slowly: said up front. Where bf16 is

@@ -8,9 +8,11 @@ The right move is one of:
           answer as without tools.
 Never a tool that was not declared. The reasoning writes a tool's name in double quotes, as its declaration does
 (`"name": "fx_convert"`): the pre-tokeniser then cuts the name into the same tokens in both places (unquoted after a
-space it would start with a different token), so naming a declared tool is a token-for-token copy. meta["expect"] is "call" or "answer" (a refusal is an answer), meta["call"] the
-gold call ({"name", "arguments"}) or None, meta["declared"] the declared names, meta["inner"] the family whose rule
-scores an answer (arithmetic, world, unknown, chat, scope).
+space it would start with a different token), so naming a declared tool is a token-for-token copy.
+
+meta["expect"] is "call" or "answer" (a refusal is an answer), meta["call"] the gold call ({"name", "arguments"}) or
+None, meta["declared"] the declared names, meta["inner"] the family whose rule scores an answer (arithmetic, world,
+unknown, chat, scope).
 
 The eval scores the first assistant turn (glm5.eval.score): calling an undeclared tool, calling when it should
 answer, or answering when it should call are wrong whatever the rest.

@@ -12,7 +12,6 @@ Letters: B rows, T tokens, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -133,7 +132,7 @@ def _generate(engine, prompts: list[list[int]], max_tokens: int, hidden: bool = 
             continue
         fit.append(i)
         params.append(SamplingParams(temperature=0.0, max_tokens=min(max_tokens, room),
-                                     grammar=grammars[i] if grammars else None))
+                                     grammar=grammars[i] if grammars is not None else None))
     acc: dict[int, list[int]] = {i: [] for i in fit}
     lps: dict[int, list[float]] = {i: [] for i in fit}
     for k, o in run_to_completion(engine, [prompts[i] for i in fit], params, return_hidden=hidden):
@@ -168,8 +167,7 @@ def run_suite(engine, model, tok, name: str, examples: list[Example], *, max_tok
                 recs[i].setdefault("prompt_tokens", len(r.ids))
             grammars = [tool_grammar(examples[i].tools) if tool_grammar and examples[i].tools else None
                         for i in active]
-            outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp,
-                             grammars=grammars if any(grammars) else None)
+            outs = _generate(engine, [r.ids for r in rendered], max_tokens, hidden=mtp, grammars=grammars)
             again = []
             for i, r, (ids, finish, h, logprobs) in zip(active, rendered, outs):
                 ex, rec = examples[i], recs[i]
@@ -253,25 +251,12 @@ def default_suites(families=FAMILIES, *, n: int, seed: int, tokenizer=None, leng
 
 
 def _tool_grammars(tok):
-    """tools -> the compiled Grammar of an assistant turn offered them, as glm5.server.runs builds it (cached per
-    tool list; llguidance's tokenizer is built on the first call)."""
+    """tools -> the compiled Grammar of an assistant turn offered them, as `glm5 serve` builds it."""
     from ..chat import normalize_tools
-    from ..engine.grammar import Grammar, grammar_tokenizer
-    from ..server.runs import turn_grammar
+    from ..server.runs import GrammarCompiler, turn_grammar
 
-    gtok, cache = None, {}
-
-    def get(tools):
-        nonlocal gtok
-        key = json.dumps(tools, sort_keys=True)
-        if key not in cache:
-            if gtok is None:
-                gtok = grammar_tokenizer(tok.json, vocab_size=len(tok), eos_ids=tok.eos_ids,
-                                         special_ids=list(tok.special_ids.values()))
-            cache[key] = Grammar(gtok, turn_grammar(normalize_tools(tools)).text(),
-                                 after=tok.token_id("<|assistant|>"))
-        return cache[key]
-    return get
+    compiler = GrammarCompiler(tok)
+    return lambda tools: compiler.compile(turn_grammar(normalize_tools(tools)).text())
 
 
 def evaluate(model, tokenizer, suites: dict[str, list[Example]] | None = None, *, n: int = 100, seed: int = 0,

@@ -60,6 +60,26 @@ class Limits:
     max_request_tokens: int = 1 << 20
 
 
+class GrammarCompiler:
+    """Lark text -> the Grammar of an assistant turn of a chat prompt (it continues after the prompt's last
+    `<|assistant|>`), for one tokenizer. Agents send the same tools every turn: compiled grammars are reused (a
+    Grammar is never mutated)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.compile = lru_cache(maxsize=64)(self._compile)
+
+    @cached_property
+    def tokenizer(self):
+        """llguidance's tokenizer, built on the first structured request (about a second for GLM-5's vocabulary)."""
+        tok = self.tok
+        return grammar_tokenizer(tok.json, vocab_size=len(tok), eos_ids=tok.eos_ids,
+                                 special_ids=list(tok.special_ids.values()))
+
+    def _compile(self, lark: str) -> Grammar:
+        return Grammar(self.tokenizer, lark, after=self.tok.token_id("<|assistant|>"))
+
+
 class ServerState:
     """What the handlers share: engine thread, tokenizer, limits, metrics, the served name."""
 
@@ -76,22 +96,16 @@ class ServerState:
         self.max_in_flight = self.max_running + limits.max_queue  # in sequences (prompts x n), not HTTP requests
         self.seqs_in_flight = 0
         self.max_token_bytes = _max_token_bytes(tokenizer)  # for refusing over-long text before tokenising it
-        # Agents send the same tools every turn: compiled grammars are reused (a Grammar is never mutated).
-        self.compile_grammar = lru_cache(maxsize=64)(self._compile_grammar)
+        self.grammars = GrammarCompiler(tokenizer)
+        self.compile_grammar = self.grammars.compile
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    @cached_property
+    @property
     def grammar_tokenizer(self):
-        """llguidance's tokenizer, built on the first structured request (about a second for GLM-5's vocabulary)."""
-        tok = self.tok
-        return grammar_tokenizer(tok.json, vocab_size=len(tok), eos_ids=tok.eos_ids,
-                                 special_ids=list(tok.special_ids.values()))
-
-    def _compile_grammar(self, lark: str) -> Grammar:
-        return Grammar(self.grammar_tokenizer, lark, after=self.tok.token_id("<|assistant|>"))
+        return self.grammars.tokenizer
 
     def check_model(self, name: str | None):
         if name is not None and name != self.model_name:

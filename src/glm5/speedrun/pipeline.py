@@ -283,7 +283,9 @@ def name_probe(model_dir: str | Path, tok, n: int = 24) -> float:
 
     spans, tag, assistant = [], tok.token_id("<tool_call>"), tok.token_id("<|assistant|>")
     for ex in examples("tool_choice", "heldout", 4 * n):
-        if ex.meta["expect"] != "call" or len(spans) == n:
+        if len(spans) == n:
+            break
+        if ex.meta["expect"] != "call":
             continue
         ids, name = chat_doc(tok, ex.messages, ex.tools)["ids"], tok.encode(ex.meta["call"]["name"])
         at = ids.index(tag, ids.index(assistant)) + 1  # the call, not the system prompt's format line
